@@ -1,0 +1,32 @@
+"""ruvllm_jax: a JAX/XLA research framework for LLM inference that learns while it serves."""
+
+from ruvllm_jax.errors import (
+    AdapterError,
+    BackendError,
+    ConfigError,
+    GenerationError,
+    InvalidOperationError,
+    KvCacheError,
+    ModelError,
+    NotFoundError,
+    OutOfMemoryError,
+    PagedAttentionError,
+    RuvIoError,
+    RuvLLMError,
+    SessionError,
+    SonaError,
+    StorageError,
+    TokenizationError,
+)
+from ruvllm_jax.types import (
+    DeviceType,
+    GenerateParams,
+    KvCacheConfig,
+    MemoryStats,
+    ModelConfig,
+    ModelInfo,
+    ModelSize,
+    Precision,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,6 @@
+"""KV caches: the interface the model calls, and its implementations."""
+
+from ruvllm_jax.cache.base import KVCache
+from ruvllm_jax.cache.contiguous import ContiguousKVCache
+
+__all__ = ["KVCache", "ContiguousKVCache"]

@@ -1,0 +1,71 @@
+"""A plain contiguous KV cache: per layer, keys and values [B, KVH, max_len, D].
+
+Head-major so that decode reads each head's keys as one contiguous block. Fixed shapes, updated with
+`dynamic_update_slice` inside jit; donate it to the step so XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from ruvllm_jax.errors import KvCacheError
+from ruvllm_jax.kernels import decode_attention, flash_attention
+
+
+@struct.dataclass
+class ContiguousKVCache:
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @classmethod
+    def init(
+        cls, *, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
+        dtype=jnp.float32,
+    ) -> "ContiguousKVCache":
+        if min(num_layers, batch, num_kv_heads, head_dim, max_len) <= 0:
+            raise KvCacheError(
+                f"cache dimensions must be > 0, got layers={num_layers} batch={batch} "
+                f"kv_heads={num_kv_heads} head_dim={head_dim} max_len={max_len}"
+            )
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))  # noqa: E731
+        return cls(k=zeros(), v=zeros())
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def nbytes(self) -> int:
+        return sum(x.size * x.dtype.itemsize for x in (*self.k, *self.v))
+
+    def _replace_layer(self, layer: int, k_l, v_l) -> "ContiguousKVCache":
+        ks, vs = list(self.k), list(self.v)
+        ks[layer], vs[layer] = k_l, v_l
+        return self.replace(k=tuple(ks), v=tuple(vs))
+
+    def prefill_attend(self, layer, q, k, v, *, sliding_window: Optional[int], impl: str):
+        b, s, kvh, d = k.shape
+        if s > self.max_len:
+            raise KvCacheError(f"prompt of {s} tokens does not fit a cache of {self.max_len}")
+        chex.assert_shape(self.k[layer], (b, kvh, self.max_len, d))
+        k_l = jax.lax.dynamic_update_slice(self.k[layer], k.transpose(0, 2, 1, 3).astype(self.k[layer].dtype), (0, 0, 0, 0))
+        v_l = jax.lax.dynamic_update_slice(self.v[layer], v.transpose(0, 2, 1, 3).astype(self.v[layer].dtype), (0, 0, 0, 0))
+        out = flash_attention(q, k, v, causal=True, sliding_window=sliding_window, impl=impl)
+        return self._replace_layer(layer, k_l, v_l), out
+
+    def decode_attend(self, layer, q, k, v, positions, *, sliding_window: Optional[int], impl: str):
+        b, kvh, d = k.shape
+        chex.assert_shape(positions, (b,))
+
+        def write(cache_b, new_b, pos):  # cache_b [KVH, T, D], new_b [KVH, D]
+            return jax.lax.dynamic_update_slice(cache_b, new_b[:, None, :].astype(cache_b.dtype), (0, pos, 0))
+
+        k_l = jax.vmap(write)(self.k[layer], k, positions)
+        v_l = jax.vmap(write)(self.v[layer], v, positions)
+        out = decode_attention(q, k_l, v_l, positions + 1, sliding_window=sliding_window, impl=impl)
+        return self._replace_layer(layer, k_l, v_l), out

@@ -1,0 +1,200 @@
+"""The Llama-family decoder (Llama, Qwen2, Mistral) as pure functions over a params pytree.
+
+Params layout (weights in PyTorch's [out, in] order, which XLA:CPU multiplies fastest as `x @ w.T`):
+
+    {"embed": [V, D], "final_norm": [D], "lm_head": [V, D] (absent when tied),
+     "layers": ({"attn_norm": [D], "wqkv": [(H + 2 KVH) hd, D], "bqkv"?: [...], "wo": [D, H hd],
+                 "bo"?: [D], "mlp_norm": [D], "w_gate_up": [2 I, D], "b_gate_up"?, "w_down": [D, I],
+                 "b_down"?}, ...)}
+
+Q/K/V and gate/up are fused so decode runs two large GEMVs instead of five small ones. Layers are a
+tuple walked by a Python loop: on XLA:CPU that decodes faster than `lax.scan` over stacked layers,
+which copies each layer's weights. Everything computes in float32.
+
+Optional `adapters` add LoRA deltas `scaling * (x @ A) @ B` per layer and module ("q", "k", "v",
+"o", "gate", "up", "down"); they are jit arguments, so new adapter values never recompile.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from ruvllm_jax.kernels import flash_attention
+from ruvllm_jax.models.config import LlamaConfig
+
+Params = dict[str, Any]
+Adapters = Optional[dict[str, Any]]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    return weight.astype(jnp.float32) * (x32 * jax.lax.rsqrt(var + eps))
+
+
+def rope_tables(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [..., head_dim // 2] for integer positions [...]."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(cfg.inv_freq())
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE as in transformers. x [..., N, D]; cos/sin [..., D/2] broadcast over N."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos[..., None, :], sin[..., None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
+    y = x @ w.astype(jnp.float32).T
+    return y if b is None else y + b.astype(jnp.float32)
+
+
+def lora_delta(x: jax.Array, adapter: dict[str, jax.Array]) -> jax.Array:
+    """scaling * (x @ A) @ B for one module's adapter {"A": [in, r], "B": [r, out], "scaling": []}."""
+    return ((x @ adapter["A"]) @ adapter["B"]) * adapter["scaling"]
+
+
+def _with_lora(y: jax.Array, x: jax.Array, layer_adapters: Optional[dict], name: str) -> jax.Array:
+    if layer_adapters is not None and name in layer_adapters:
+        return y + lora_delta(x, layer_adapters[name])
+    return y
+
+
+def _qkv(lp: Params, cfg: LlamaConfig, h: jax.Array, la: Optional[dict]):
+    qkv = _linear(h, lp["wqkv"], lp.get("bqkv"))
+    q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+    return _with_lora(q, h, la, "q"), _with_lora(k, h, la, "k"), _with_lora(v, h, la, "v")
+
+
+def _mlp(lp: Params, cfg: LlamaConfig, x: jax.Array, la: Optional[dict]) -> jax.Array:
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    gate_up = _linear(h, lp["w_gate_up"], lp.get("b_gate_up"))
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    gate, up = _with_lora(gate, h, la, "gate"), _with_lora(up, h, la, "up")
+    act = jax.nn.silu(gate) * up
+    return x + _with_lora(_linear(act, lp["w_down"], lp.get("b_down")), act, la, "down")
+
+
+def _attn_out(lp: Params, attn: jax.Array, la: Optional[dict]) -> jax.Array:
+    return _with_lora(_linear(attn, lp["wo"], lp.get("bo")), attn, la, "o")
+
+
+def _layer_adapters(adapters: Adapters, i: int) -> Optional[dict]:
+    return None if adapters is None else adapters["layers"][i]
+
+
+def _logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
+    h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    return _linear(h, head)
+
+
+class _NoCache:
+    """Stands in for a cache when the caller wants logits only (training, scoring)."""
+
+    def prefill_attend(self, layer, q, k, v, *, sliding_window, impl):
+        return self, flash_attention(q, k, v, causal=True, sliding_window=sliding_window, impl=impl)
+
+
+def prefill(
+    params: Params,
+    cfg: LlamaConfig,
+    tokens: jax.Array,
+    cache=None,
+    *,
+    adapters: Adapters = None,
+    impl: str = "auto",
+    logit_positions: Optional[jax.Array] = None,
+):
+    """Run a prompt. tokens [B, S] at positions 0..S-1 -> (logits, cache).
+
+    Logits are [B, S, V], or [B, V] at `logit_positions` [B] when given (generation needs only the
+    last real token, and the vocabulary projection is the largest matmul of the model).
+    """
+    b, s = tokens.shape
+    x = params["embed"][tokens].astype(jnp.float32)
+    chex.assert_shape(x, (b, s, cfg.hidden_size))
+    cos, sin = rope_tables(cfg, jnp.arange(s)[None, :])
+    kv_cache = _NoCache() if cache is None else cache
+    for i, lp in enumerate(params["layers"]):
+        la = _layer_adapters(adapters, i)
+        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = _qkv(lp, cfg, h, la)
+        q = apply_rope(q.reshape(b, s, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+        kv_cache, attn = kv_cache.prefill_attend(i, q, k, v, sliding_window=cfg.sliding_windows[i], impl=impl)
+        chex.assert_shape(attn, (b, s, cfg.num_heads, cfg.head_dim))
+        x = x + _attn_out(lp, attn.reshape(b, s, cfg.q_size), la)
+        x = _mlp(lp, cfg, x, la)
+    if logit_positions is not None:
+        x = jnp.take_along_axis(x, logit_positions[:, None, None], axis=1)[:, 0]
+    logits = _logits(params, cfg, x)
+    return logits, (None if cache is None else kv_cache)
+
+
+def decode(
+    params: Params,
+    cfg: LlamaConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache,
+    *,
+    adapters: Adapters = None,
+    impl: str = "auto",
+):
+    """One token per sequence: tokens [B] at positions [B] -> (logits [B, V], cache)."""
+    (b,) = tokens.shape
+    chex.assert_shape(positions, (b,))
+    x = params["embed"][tokens].astype(jnp.float32)
+    cos, sin = rope_tables(cfg, positions)
+    for i, lp in enumerate(params["layers"]):
+        la = _layer_adapters(adapters, i)
+        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = _qkv(lp, cfg, h, la)
+        q = apply_rope(q.reshape(b, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.reshape(b, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = v.reshape(b, cfg.num_kv_heads, cfg.head_dim)
+        cache, attn = cache.decode_attend(i, q, k, v, positions, sliding_window=cfg.sliding_windows[i], impl=impl)
+        chex.assert_shape(attn, (b, cfg.num_heads, cfg.head_dim))
+        x = x + _attn_out(lp, attn.reshape(b, cfg.q_size), la)
+        x = _mlp(lp, cfg, x, la)
+    logits = _logits(params, cfg, x)
+    chex.assert_shape(logits, (b, cfg.vocab_size))
+    return logits, cache
+
+
+def forward(params: Params, cfg: LlamaConfig, tokens: jax.Array, *, adapters: Adapters = None, impl: str = "auto"):
+    """Causal logits [B, S, V] for whole sequences, no cache: the training and scoring forward."""
+    return prefill(params, cfg, tokens, None, adapters=adapters, impl=impl)[0]
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+    """Random params in the layout above (for training from scratch and tests)."""
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    qkv = cfg.q_size + 2 * cfg.kv_size
+    keys = iter(jax.random.split(key, 2 + 4 * cfg.num_layers))
+    normal = lambda shape: (std * jax.random.normal(next(keys), shape)).astype(dtype)  # noqa: E731
+    layers = []
+    for _ in range(cfg.num_layers):
+        lp = {
+            "attn_norm": jnp.ones((d,), dtype),
+            "wqkv": normal((qkv, d)),
+            "wo": normal((d, cfg.q_size)),
+            "mlp_norm": jnp.ones((d,), dtype),
+            "w_gate_up": normal((2 * i, d)),
+            "w_down": normal((d, i)),
+        }
+        if cfg.attention_bias:
+            lp["bqkv"] = jnp.zeros((qkv,), dtype)
+        layers.append(lp)
+    params = {"embed": normal((cfg.vocab_size, d)), "final_norm": jnp.ones((d,), dtype), "layers": tuple(layers)}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = normal((cfg.vocab_size, d))
+    return params

@@ -1,0 +1,242 @@
+"""Core value types of the RuvLLM API as frozen dataclasses and enums.
+
+They are static configuration: hashable, never traced by jit, validated on construction so a bad
+value fails where it was written rather than deep inside a compiled function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Optional
+
+from ruvllm_jax.errors import ConfigError
+
+
+class Precision(enum.Enum):
+    """Numeric precision of weights or KV-cache entries."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    Q8 = "q8"
+    Q4 = "q4"
+    Q4K = "q4k"
+
+    def bytes_per_element(self) -> float:
+        """Bytes per stored element, scale overhead included (Q4K: 144 bytes per 256 = 0.5625)."""
+        return _BYTES_PER_ELEMENT[self]
+
+    @property
+    def is_quantized(self) -> bool:
+        return self in (Precision.Q8, Precision.Q4, Precision.Q4K)
+
+
+_BYTES_PER_ELEMENT = {
+    Precision.FP32: 4.0,
+    Precision.FP16: 2.0,
+    Precision.BF16: 2.0,
+    # GGML Q8_0: 32 int8 codes + one f16 scale = 34 bytes per 32.
+    Precision.Q8: 34 / 32,
+    # 32 codes packed two per byte + f16 scale + f16 min = 20 bytes per 32.
+    Precision.Q4: 20 / 32,
+    # GGML Q4_K super-block: 144 bytes per 256 weights.
+    Precision.Q4K: 144 / 256,
+}
+
+
+class ModelSize(enum.Enum):
+    """Size class of a model, for routing: Tiny < 1B ≤ Small < 3B ≤ Medium < 13B ≤ Large."""
+
+    Tiny = "tiny"
+    Small = "small"
+    Medium = "medium"
+    Large = "large"
+
+    @classmethod
+    def from_num_params(cls, n: int) -> "ModelSize":
+        if n < 0:
+            raise ConfigError(f"num_params must be >= 0, got {n}")
+        if n < 1_000_000_000:
+            return cls.Tiny
+        if n < 3_000_000_000:
+            return cls.Small
+        if n < 13_000_000_000:
+            return cls.Medium
+        return cls.Large
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceType:
+    """A compute device: `DeviceType.Cpu`, `DeviceType.Metal`, `DeviceType.Cuda(i)`, `Rocm(i)`, `Tpu(i)`."""
+
+    kind: str
+    index: int = 0
+
+    _KINDS = ("cpu", "cuda", "rocm", "tpu", "metal")
+
+    def __post_init__(self):
+        if self.kind not in self._KINDS:
+            raise ConfigError(f"device kind must be one of {self._KINDS}, got {self.kind!r}")
+        if self.index < 0:
+            raise ConfigError(f"device index must be >= 0, got {self.index}")
+
+    @staticmethod
+    def Cuda(index: int = 0) -> "DeviceType":  # noqa: N802 - RuvLLM spelling
+        return DeviceType("cuda", index)
+
+    @staticmethod
+    def Rocm(index: int = 0) -> "DeviceType":  # noqa: N802
+        return DeviceType("rocm", index)
+
+    @staticmethod
+    def Tpu(index: int = 0) -> "DeviceType":  # noqa: N802
+        return DeviceType("tpu", index)
+
+    @staticmethod
+    def best() -> "DeviceType":
+        """The best JAX device present: an accelerator if there is one, else the CPU."""
+        import jax
+
+        dev = jax.devices()[0]
+        return DeviceType.from_jax(dev)
+
+    @staticmethod
+    def from_jax(dev) -> "DeviceType":
+        platform = dev.platform.lower()
+        if platform == "gpu" or platform == "cuda":
+            kind = "rocm" if "rocm" in str(getattr(dev, "client", "")).lower() else "cuda"
+        elif platform in ("rocm", "tpu", "metal", "cpu"):
+            kind = platform
+        else:
+            kind = "cpu"
+        return DeviceType(kind, dev.id if kind != "cpu" else 0)
+
+    def to_jax(self):
+        """The `jax.Device` this names; `ConfigError` if it is not present."""
+        import jax
+
+        platform = {"cuda": "gpu", "rocm": "gpu"}.get(self.kind, self.kind)
+        try:
+            devices = jax.devices(platform)
+        except RuntimeError as e:
+            raise ConfigError(f"device {self} is not available: {e}") from None
+        if self.index >= len(devices):
+            raise ConfigError(f"device {self} is not available: only {len(devices)} {platform} device(s)")
+        return devices[self.index]
+
+    def __str__(self) -> str:
+        return self.kind if self.kind in ("cpu", "metal") else f"{self.kind}:{self.index}"
+
+
+DeviceType.Cpu = DeviceType("cpu")  # type: ignore[attr-defined]
+DeviceType.Metal = DeviceType("metal")  # type: ignore[attr-defined]
+
+
+@dataclasses.dataclass(frozen=True)
+class KvCacheConfig:
+    """Two-tier KV cache layout: a high-precision tail and a quantized store."""
+
+    tail_length: int = 256
+    tail_precision: Precision = Precision.FP16
+    store_precision: Precision = Precision.Q4
+    max_tokens: int = 4096
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    migration_batch: int = 64
+
+    def __post_init__(self):
+        for name in ("tail_length", "max_tokens", "num_kv_heads", "head_dim", "migration_batch"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"KvCacheConfig.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """How to load a model.
+
+    `quantization` defaults to FP32 rather than RuvLLM's Q4K: weight quantization at load is not
+    implemented yet, and a default that cannot be honoured would be a stub.
+    """
+
+    max_context: int = 4096
+    use_flash_attention: bool = True
+    quantization: Precision = Precision.FP32
+    kv_cache_config: KvCacheConfig = dataclasses.field(default_factory=KvCacheConfig)
+    device: Optional[DeviceType] = None  # None = best present
+    hf_token: Optional[str] = None
+
+    def __post_init__(self):
+        if self.max_context <= 0:
+            raise ConfigError(f"max_context must be > 0, got {self.max_context}")
+        if not isinstance(self.quantization, Precision):
+            raise ConfigError(f"quantization must be a Precision, got {self.quantization!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateParams:
+    """Sampling parameters; temperature 0 means greedy. Validated on construction."""
+
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    repetition_penalty: float = 1.1
+    stop_sequences: tuple[str, ...] = ()
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if isinstance(self.stop_sequences, (list, str)):
+            seqs = (self.stop_sequences,) if isinstance(self.stop_sequences, str) else self.stop_sequences
+            object.__setattr__(self, "stop_sequences", tuple(seqs))
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise ConfigError(f"max_tokens must be an int >= 0, got {self.max_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not isinstance(s, str) or not s for s in self.stop_sequences):
+            raise ConfigError(f"stop_sequences must be non-empty strings, got {self.stop_sequences!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ConfigError(f"seed must be a non-negative int or None, got {self.seed!r}")
+
+    def replace(self, **changes) -> "GenerateParams":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model is."""
+
+    name: str
+    architecture: str
+    num_parameters: int
+    size: ModelSize
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int
+    dtype: str
+    quantization: Precision
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryStats:
+    """Real bytes held on the device by the loaded model and its KV cache."""
+
+    params_bytes: int
+    cache_bytes: int
+    device: str
+
+    @property
+    def total_bytes(self) -> int:
+        return self.params_bytes + self.cache_bytes
