@@ -1,0 +1,207 @@
+"""Load Llama-family checkpoints (HF folder or hub id) into the params pytree, and save them back.
+
+A folder holds `config.json`, `model.safetensors` (or a sharded index) and `tokenizer.json`. Tensor
+names are transformers'; Q/K/V and gate/up are fused on load. Every tensor's shape is checked
+against the config so a mismatched checkpoint fails here, naming the tensor, not inside jit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ruvllm_jax.errors import ModelError, NotFoundError
+from ruvllm_jax.models.config import LlamaConfig
+from ruvllm_jax.models.safetensors_io import open_checkpoint, save_file
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+
+
+def resolve_model_path(model_id: str, *, hf_token: Optional[str] = None, cache_dir: Optional[str] = None) -> str:
+    """A local folder as is, or a hub id downloaded (or taken from the HF cache when offline)."""
+    expanded = os.path.expanduser(os.fspath(model_id))
+    if os.path.isdir(expanded):
+        return os.path.abspath(expanded)
+    if os.path.isfile(expanded):
+        if expanded.endswith(".gguf"):
+            return os.path.abspath(expanded)
+        raise ModelError(f"{model_id!r} is a file; expected a model folder, a .gguf file or a hub id")
+    looks_like_path = (
+        expanded.startswith((os.sep, ".", "~")) or expanded.count("/") > 1 or expanded.endswith(".gguf")
+    )
+    if looks_like_path:
+        raise NotFoundError(f"model folder {model_id!r} does not exist")
+    return _snapshot(model_id, hf_token=hf_token, cache_dir=cache_dir)
+
+
+def _snapshot(repo_id: str, *, hf_token: Optional[str], cache_dir: Optional[str]) -> str:
+    from huggingface_hub import snapshot_download
+
+    kwargs = dict(repo_id=repo_id, allow_patterns=_HUB_PATTERNS, token=hf_token, cache_dir=cache_dir)
+    try:
+        return snapshot_download(**kwargs, local_files_only=True)
+    except Exception:  # not cached: try the network below
+        pass
+    try:
+        return snapshot_download(**kwargs)
+    except Exception as e:
+        raise NotFoundError(
+            f"hub model {repo_id!r} is neither in the local Hugging Face cache nor reachable "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+
+
+def _hf_names(i: int) -> dict[str, str]:
+    p = f"model.layers.{i}."
+    return {
+        "attn_norm": p + "input_layernorm.weight",
+        "q": p + "self_attn.q_proj",
+        "k": p + "self_attn.k_proj",
+        "v": p + "self_attn.v_proj",
+        "o": p + "self_attn.o_proj",
+        "mlp_norm": p + "post_attention_layernorm.weight",
+        "gate": p + "mlp.gate_proj",
+        "up": p + "mlp.up_proj",
+        "down": p + "mlp.down_proj",
+    }
+
+
+def load_params(folder: str, cfg: LlamaConfig, *, dtype=jnp.float32, device=None) -> dict[str, Any]:
+    """Read a checkpoint folder into the params pytree (fused layout), cast to `dtype`."""
+    tensors = open_checkpoint(folder)
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in tensors:
+            raise ModelError(f"tensor {name!r} is missing from the checkpoint in {folder!r}")
+        a = tensors[name].get(name)
+        if a.shape != shape:
+            raise ModelError(
+                f"tensor {name!r} has shape {list(a.shape)}, expected {list(shape)} for this config"
+            )
+        return np.asarray(a, dtype=np.float32)
+
+    def put(a: np.ndarray) -> jax.Array:
+        return jax.device_put(jnp.asarray(a, dtype=dtype), device)
+
+    d, inter = cfg.hidden_size, cfg.intermediate_size
+    layers = []
+    for i in range(cfg.num_layers):
+        n = _hf_names(i)
+        q = get(n["q"] + ".weight", (cfg.q_size, d))
+        k = get(n["k"] + ".weight", (cfg.kv_size, d))
+        v = get(n["v"] + ".weight", (cfg.kv_size, d))
+        lp = {
+            "attn_norm": put(get(n["attn_norm"], (d,))),
+            "wqkv": put(np.concatenate([q, k, v], axis=0)),
+            "wo": put(get(n["o"] + ".weight", (d, cfg.q_size))),
+            "mlp_norm": put(get(n["mlp_norm"], (d,))),
+            "w_gate_up": put(np.concatenate([get(n["gate"] + ".weight", (inter, d)), get(n["up"] + ".weight", (inter, d))])),
+            "w_down": put(get(n["down"] + ".weight", (d, inter))),
+        }
+        if cfg.attention_bias:
+            lp["bqkv"] = put(np.concatenate([
+                get(n["q"] + ".bias", (cfg.q_size,)), get(n["k"] + ".bias", (cfg.kv_size,)), get(n["v"] + ".bias", (cfg.kv_size,))
+            ]))
+            if n["o"] + ".bias" in tensors:  # Llama's attention_bias covers o_proj; Qwen2's does not
+                lp["bo"] = put(get(n["o"] + ".bias", (d,)))
+        if cfg.mlp_bias:
+            lp["b_gate_up"] = put(np.concatenate([get(n["gate"] + ".bias", (inter,)), get(n["up"] + ".bias", (inter,))]))
+            lp["b_down"] = put(get(n["down"] + ".bias", (d,)))
+        layers.append(lp)
+    params = {
+        "embed": put(get("model.embed_tokens.weight", (cfg.vocab_size, d))),
+        "final_norm": put(get("model.norm.weight", (d,))),
+        "layers": tuple(layers),
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = put(get("lm_head.weight", (cfg.vocab_size, d)))
+    return params
+
+
+def to_hf_tensors(params: dict[str, Any], cfg: LlamaConfig, dtype=np.float32) -> dict[str, np.ndarray]:
+    """The inverse of `load_params`: transformers' tensor names, un-fused."""
+    a = lambda x: np.asarray(jax.device_get(x), dtype=np.float32).astype(dtype)  # noqa: E731
+    out = {"model.embed_tokens.weight": a(params["embed"]), "model.norm.weight": a(params["final_norm"])}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = a(params["lm_head"])
+    split_qkv = [cfg.q_size, cfg.q_size + cfg.kv_size]
+    for i, lp in enumerate(params["layers"]):
+        n = _hf_names(i)
+        q, k, v = np.split(a(lp["wqkv"]), split_qkv)
+        gate, up = np.split(a(lp["w_gate_up"]), 2)
+        out.update({
+            n["attn_norm"]: a(lp["attn_norm"]), n["q"] + ".weight": q, n["k"] + ".weight": k,
+            n["v"] + ".weight": v, n["o"] + ".weight": a(lp["wo"]), n["mlp_norm"]: a(lp["mlp_norm"]),
+            n["gate"] + ".weight": gate, n["up"] + ".weight": up, n["down"] + ".weight": a(lp["w_down"]),
+        })
+        if "bqkv" in lp:
+            bq, bk, bv = np.split(a(lp["bqkv"]), split_qkv)
+            out.update({n["q"] + ".bias": bq, n["k"] + ".bias": bk, n["v"] + ".bias": bv})
+        if "bo" in lp:
+            out[n["o"] + ".bias"] = a(lp["bo"])
+        if "b_gate_up" in lp:
+            bg, bu = np.split(a(lp["b_gate_up"]), 2)
+            out.update({n["gate"] + ".bias": bg, n["up"] + ".bias": bu, n["down"] + ".bias": a(lp["b_down"])})
+    return out
+
+
+def hf_config_dict(cfg: LlamaConfig) -> dict[str, Any]:
+    """A transformers `config.json` for this config (model_type as given)."""
+    rope = dict(cfg.rope_scaling)
+    d = {
+        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[cfg.model_type]],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if rope.get("rope_type", "default") == "default" else rope,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "mlp_bias": cfg.mlp_bias,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0],
+        "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": "float32",
+    }
+    return d
+
+
+def save_hf_folder(params: dict[str, Any], cfg: LlamaConfig, folder: str, *, dtype=np.float32) -> None:
+    """Write `config.json` + `model.safetensors` that transformers and `load_params` both read."""
+    os.makedirs(folder, exist_ok=True)
+    if cfg.model_type != "llama" and any(w is not None for w in cfg.sliding_windows):
+        raise ModelError("saving sliding-window configs is only supported for model_type 'llama' (none)")
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_config_dict(cfg), f, indent=2)
+    save_file(to_hf_tensors(params, cfg, dtype), os.path.join(folder, "model.safetensors"), {"format": "pt"})
+
+
+def read_json(path: str) -> Optional[dict]:
+    """A JSON file's object, None if the file is absent; `ModelError` if it is not valid JSON."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path!r} is not valid JSON: {e}") from None
+
+
+def load_config(folder: str) -> LlamaConfig:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise NotFoundError(f"no config.json in model folder {folder!r}")
+    return LlamaConfig.from_json_file(path)
