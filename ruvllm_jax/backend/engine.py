@@ -1,0 +1,133 @@
+"""The generation engine: one jitted prefill, then jitted chunks of decode steps on device.
+
+Decoding follows gemma's sampler: the loop state is a pytree (`DecodeState`), one pure step feeds
+the last token through the model and samples the next, and a `lax.while_loop` runs up to `chunk`
+steps on device, stopping early once every sequence is done. The host sees tokens once per chunk
+(`limit` is traced, so streaming asks for one step at a time with the same executable).
+
+Shapes are bucketed so nothing recompiles per prompt: prompts pad to a power of two (>= 16) and the
+cache to a power of two >= prompt + max_tokens, capped at the model's `max_context`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from ruvllm_jax.backend.sampling import SamplingParams, presence_from_tokens, sample, update_presence
+from ruvllm_jax.cache import ContiguousKVCache
+from ruvllm_jax.errors import GenerationError
+from ruvllm_jax.models import llama
+from ruvllm_jax.models.config import LlamaConfig
+
+DEFAULT_CHUNK = 32
+MIN_PROMPT_BUCKET = 16
+MIN_CACHE_BUCKET = 64
+
+
+@struct.dataclass
+class DecodeState:
+    cache: Any
+    token: jax.Array  # [B] last sampled token, not yet fed through the model
+    position: jax.Array  # [B] the position `token` will occupy
+    presence: jax.Array  # [B, V] bool: tokens seen so far (for the repetition penalty)
+    done: jax.Array  # [B] bool
+    rng: jax.Array
+
+
+def _next_pow2(n: int, floor: int) -> int:
+    return max(floor, 1 << max(0, (n - 1).bit_length()))
+
+
+def buckets(prompt_len: int, max_tokens: int, max_context: int) -> tuple[int, int]:
+    """(prompt bucket, cache length) for a request; `GenerationError` if it cannot fit."""
+    if prompt_len <= 0:
+        raise GenerationError("the prompt encodes to no tokens; at least one is needed")
+    if prompt_len + max_tokens > max_context:
+        raise GenerationError(
+            f"prompt of {prompt_len} tokens + max_tokens={max_tokens} = {prompt_len + max_tokens} "
+            f"exceeds max_context={max_context}"
+        )
+    cache_len = min(_next_pow2(prompt_len + max_tokens, MIN_CACHE_BUCKET), max_context)
+    prompt_bucket = min(_next_pow2(prompt_len, MIN_PROMPT_BUCKET), cache_len)
+    return prompt_bucket, cache_len
+
+
+def _is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
+    return jnp.any(tokens[:, None] == eos_ids[None, :], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+def prefill_and_sample(
+    params, tokens, lengths, cache, sampling: SamplingParams, rng, eos_ids, adapters=None, *,
+    cfg: LlamaConfig, impl: str = "auto",
+) -> DecodeState:
+    """Run padded prompts tokens [B, S] (real lengths [B]) and sample each first new token."""
+    logits, cache = llama.prefill(params, cfg, tokens, cache, adapters=adapters, impl=impl, logit_positions=lengths - 1)
+    presence = presence_from_tokens(tokens, lengths, cfg.vocab_size)
+    rng, key = jax.random.split(rng)
+    token = sample(key, logits, presence, sampling)
+    return DecodeState(
+        cache=cache, token=token, position=lengths.astype(jnp.int32), presence=update_presence(presence, token),
+        done=_is_eos(token, eos_ids), rng=rng,
+    )
+
+
+def decode_step(params, state: DecodeState, sampling: SamplingParams, eos_ids, adapters, cfg, impl):
+    """Feed each sequence's last token, sample the next. Finished sequences stay frozen."""
+    logits, cache = llama.decode(params, cfg, state.token, state.position, state.cache, adapters=adapters, impl=impl)
+    rng, key = jax.random.split(state.rng)
+    token = jnp.where(state.done, state.token, sample(key, logits, state.presence, sampling))
+    return DecodeState(
+        cache=cache,
+        token=token,
+        position=state.position + jnp.where(state.done, 0, 1),
+        presence=update_presence(state.presence, token),
+        done=state.done | _is_eos(token, eos_ids),
+        rng=rng,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "impl"), donate_argnames=("state",))
+def decode_chunk(
+    params, state: DecodeState, sampling: SamplingParams, eos_ids, limit, adapters=None, *,
+    cfg: LlamaConfig, chunk: int = DEFAULT_CHUNK, impl: str = "auto",
+):
+    """Up to min(chunk, limit) decode steps on device -> (state, tokens [B, chunk] (-1 = none), count)."""
+    b = state.token.shape[0]
+
+    def cond(carry):
+        i, st, _ = carry
+        return (i < jnp.minimum(limit, chunk)) & ~jnp.all(st.done)
+
+    def body(carry):
+        i, st, out = carry
+        was_done = st.done
+        st = decode_step(params, st, sampling, eos_ids, adapters, cfg, impl)
+        out = out.at[:, i].set(jnp.where(was_done, -1, st.token))
+        return i + 1, st, out
+
+    out = jnp.full((b, chunk), -1, jnp.int32)
+    count, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
+    return state, out, count
+
+
+def new_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> ContiguousKVCache:
+    return ContiguousKVCache.init(
+        num_layers=cfg.num_layers, batch=batch, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        max_len=max_len, dtype=dtype,
+    )
+
+
+def make_rng(seed: Optional[int]) -> jax.Array:
+    """A PRNG key from a (64-bit) seed; fresh OS entropy when seed is None."""
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbits(63)
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    return jax.random.fold_in(key, (seed >> 32) & 0x7FFFFFFF)

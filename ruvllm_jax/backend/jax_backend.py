@@ -1,0 +1,254 @@
+"""`JaxBackend`: the stateful RuvLLM facade over the pure model and generation engine.
+
+It holds what a user loaded (params pytree, config, tokenizer) and turns text requests into calls
+of the jitted `prefill_and_sample` / `decode_chunk`. Text handling (incremental UTF-8 decoding,
+stop sequences) stays on the host; everything numeric stays on device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ruvllm_jax.backend import engine
+from ruvllm_jax.backend.base import StreamCallback
+from ruvllm_jax.backend.sampling import SamplingParams
+from ruvllm_jax.backend.tokenizer import IncrementalDecoder, Tokenizer
+from ruvllm_jax.errors import (
+    ConfigError,
+    GenerationError,
+    InvalidOperationError,
+    ModelError,
+    TokenizationError,
+)
+from ruvllm_jax.models import loader
+from ruvllm_jax.models.config import LlamaConfig
+from ruvllm_jax.types import DeviceType, GenerateParams, MemoryStats, ModelConfig, ModelInfo, ModelSize, Precision
+
+_STORAGE_DTYPES = {Precision.FP32: jnp.float32, Precision.FP16: jnp.float16, Precision.BF16: jnp.bfloat16}
+
+
+def default_model_path() -> str:
+    """The model shipped inside the package (trained by `experiments/train_tiny.py`)."""
+    from ruvllm_jax.assets import DEFAULT_MODEL_PATH
+
+    return DEFAULT_MODEL_PATH
+
+
+@dataclasses.dataclass
+class _Loaded:
+    params: dict
+    cfg: LlamaConfig
+    model_config: ModelConfig
+    tokenizer: Optional[Tokenizer]
+    eos_ids: tuple[int, ...]
+    path: str
+    name: str
+
+
+class JaxBackend:
+    """Load a Llama-family model and generate text with it. `JaxBackend.new()` picks the best device."""
+
+    def __init__(self, device: Optional[DeviceType] = None):
+        self._device = device if device is not None else DeviceType.best()
+        self._jax_device = self._device.to_jax()
+        self._model: Optional[_Loaded] = None
+        self._last_cache_bytes = 0
+        self.adapters = None  # LoRA adapters pytree applied in every forward when set
+        self.decode_chunk_size = engine.DEFAULT_CHUNK
+
+    @classmethod
+    def new(cls) -> "JaxBackend":
+        return cls()
+
+    @classmethod
+    def with_device(cls, device: DeviceType) -> "JaxBackend":
+        return cls(device)
+
+    # -- loading -------------------------------------------------------------------------------
+    def load_model(self, model_id_or_path: Optional[str] = None, config: Optional[ModelConfig] = None) -> None:
+        """Load a hub id, a local folder, or (None) the embedded default model."""
+        config = config or ModelConfig()
+        if config.device is not None and config.device != self._device:
+            self._device, self._jax_device = config.device, config.device.to_jax()
+        if config.quantization not in _STORAGE_DTYPES:
+            raise ConfigError(
+                f"quantization {config.quantization.name} is not implemented yet; "
+                f"supported: {[p.name for p in _STORAGE_DTYPES]}"
+            )
+        model_id = default_model_path() if model_id_or_path is None else model_id_or_path
+        path = loader.resolve_model_path(model_id, hf_token=config.hf_token)
+        if path.endswith(".gguf"):
+            raise ModelError(f"GGUF loading is not implemented yet ({path!r}); use a safetensors folder")
+        cfg = loader.load_config(path)
+        params = loader.load_params(path, cfg, dtype=_STORAGE_DTYPES[config.quantization], device=self._jax_device)
+        tok_path = os.path.join(path, "tokenizer.json")
+        gen_cfg = loader.read_json(os.path.join(path, "generation_config.json")) or {}
+        eos = gen_cfg.get("eos_token_id", list(cfg.eos_token_ids))
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        tokenizer = (
+            Tokenizer.from_file(tok_path, bos_token_id=cfg.bos_token_id, eos_token_ids=eos_ids)
+            if os.path.isfile(tok_path) else None
+        )
+        name = model_id if model_id_or_path is not None and not os.path.isdir(os.path.expanduser(model_id)) else os.path.basename(path.rstrip(os.sep))
+        self._model = _Loaded(params, cfg, config, tokenizer, eos_ids, path, name)
+
+    def download_model(self, model_id: str, quantization: Precision = Precision.FP32, cache_dir: Optional[str] = None) -> str:
+        """Fetch a hub model into the HF cache (or `cache_dir`) and return its local folder."""
+        del quantization  # weights are quantized at load time, not on disk
+        return loader.resolve_model_path(model_id, cache_dir=cache_dir)
+
+    def unload(self) -> None:
+        self._model = None
+
+    # -- introspection ---------------------------------------------------------------------------
+    def is_loaded(self) -> bool:
+        return self._model is not None
+
+    def tokenizer(self) -> Optional[Tokenizer]:
+        return None if self._model is None else self._model.tokenizer
+
+    def device(self) -> DeviceType:
+        return self._device
+
+    @property
+    def params(self) -> dict:
+        return self._require().params
+
+    @property
+    def config(self) -> LlamaConfig:
+        return self._require().cfg
+
+    def model_info(self) -> Optional[ModelInfo]:
+        if self._model is None:
+            return None
+        m, c = self._model, self._model.cfg
+        n = sum(x.size for x in jax.tree_util.tree_leaves(m.params))
+        return ModelInfo(
+            name=m.name, architecture=c.model_type, num_parameters=int(n), size=ModelSize.from_num_params(n),
+            hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim, vocab_size=c.vocab_size, max_context=self._max_context(),
+            dtype=str(jax.tree_util.tree_leaves(m.params)[0].dtype), quantization=m.model_config.quantization,
+            path=m.path,
+        )
+
+    def memory_stats(self) -> MemoryStats:
+        """Bytes of the params on device and of the KV cache of the latest generation."""
+        params_bytes = 0 if self._model is None else sum(x.nbytes for x in jax.tree_util.tree_leaves(self._model.params))
+        return MemoryStats(params_bytes=int(params_bytes), cache_bytes=int(self._last_cache_bytes), device=str(self._device))
+
+    def _require(self) -> _Loaded:
+        if self._model is None:
+            raise InvalidOperationError("no model is loaded; call load_model() first")
+        return self._model
+
+    def _max_context(self) -> int:
+        return self._require().model_config.max_context
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate_tokens(self, prompt_ids: Sequence[int], params: Optional[GenerateParams] = None) -> list[int]:
+        """Greedy or sampled continuation of token ids (EOS excluded), ignoring stop sequences."""
+        return list(self._token_stream(list(prompt_ids), params or GenerateParams(), stream=False))
+
+    def generate(self, prompt: str, params: Optional[GenerateParams] = None) -> str:
+        pieces: list[str] = []
+        self._generate_text(prompt, params or GenerateParams(), pieces.append, stream=False)
+        return "".join(pieces)
+
+    def generate_stream(self, prompt: str, params: Optional[GenerateParams], callback: StreamCallback) -> None:
+        """Call `callback(piece)` with each piece of text as soon as it decodes; False stops."""
+        self._generate_text(prompt, params or GenerateParams(), callback, stream=True)
+
+    def _encode(self, prompt: str) -> list[int]:
+        m = self._require()
+        if m.tokenizer is None:
+            raise TokenizationError(f"model {m.name!r} has no tokenizer.json; pass token ids to generate_tokens()")
+        return m.tokenizer.encode(prompt)
+
+    def _generate_text(self, prompt: str, params: GenerateParams, callback: StreamCallback, stream: bool) -> None:
+        ids = self._encode(prompt)
+        decoder = IncrementalDecoder(self._require().tokenizer)
+        stops = params.stop_sequences
+        longest_stop = max((len(s) for s in stops), default=0)
+        text, emitted = "", 0
+
+        for token in self._token_stream(ids, params, stream=stream):
+            text += decoder.push(token)
+            if stops:
+                hit = _find_stop(text, stops, max(0, emitted - longest_stop))
+                if hit is not None:
+                    if hit > emitted:
+                        callback(text[emitted:hit])
+                    return
+                safe = len(text) - _held_back(text, stops)
+            else:
+                safe = len(text)
+            if safe > emitted:
+                piece, emitted = text[emitted:safe], safe
+                if callback(piece) is False:
+                    return
+        text += decoder.flush()
+        if stops:
+            hit = _find_stop(text, stops, max(0, emitted - longest_stop))
+            text = text if hit is None else text[:hit]
+        if len(text) > emitted:
+            callback(text[emitted:])
+
+    def _token_stream(self, ids: list[int], params: GenerateParams, stream: bool) -> Iterator[int]:
+        m = self._require()
+        if params.max_tokens == 0:
+            return
+        if any(not 0 <= t < m.cfg.vocab_size for t in ids):
+            raise TokenizationError(f"prompt token ids must be in [0, {m.cfg.vocab_size}), got {ids}")
+        prompt_bucket, cache_len = engine.buckets(len(ids), params.max_tokens, self._max_context())
+        tokens = np.zeros((1, prompt_bucket), np.int32)
+        tokens[0, : len(ids)] = ids
+        eos = jnp.asarray(m.eos_ids or (-1,), jnp.int32)
+        sampling = SamplingParams.from_generate_params(params)
+        with jax.default_device(self._jax_device):
+            cache = engine.new_cache(m.cfg, 1, cache_len)
+            self._last_cache_bytes = cache.nbytes()
+            state = engine.prefill_and_sample(
+                m.params, jnp.asarray(tokens), jnp.asarray([len(ids)], jnp.int32), cache, sampling,
+                engine.make_rng(params.seed), eos, self.adapters, cfg=m.cfg,
+            )
+            first = int(state.token[0])
+            if first in m.eos_ids:
+                return
+            yield first
+            produced = 1
+            while produced < params.max_tokens:
+                limit = 1 if stream else min(self.decode_chunk_size, params.max_tokens - produced)
+                state, out, count = engine.decode_chunk(
+                    m.params, state, sampling, eos, jnp.int32(limit), self.adapters, cfg=m.cfg,
+                    chunk=self.decode_chunk_size,
+                )
+                new = np.asarray(out[0, : int(count)])
+                for t in new:
+                    if int(t) in m.eos_ids:
+                        return
+                    yield int(t)
+                produced += len(new)
+                if len(new) == 0:
+                    return
+
+
+def _find_stop(text: str, stops: Sequence[str], start: int) -> Optional[int]:
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop sequence."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
