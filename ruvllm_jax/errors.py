@@ -16,6 +16,10 @@ class RuvLLMError(Exception):
         self.message = message
         super().__init__(f"{self.prefix}: {message}")
 
+    def __reduce__(self):
+        # Rebuild from the bare message: the default (cls, self.args) would prefix it twice.
+        return (type(self), (self.message,))
+
 
 def _variant(name: str, prefix: str, doc: str, bases: tuple = (RuvLLMError,)) -> type:
     return type(name, bases, {"prefix": prefix, "__doc__": doc, "__module__": __name__})
