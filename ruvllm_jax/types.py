@@ -9,9 +9,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import numbers
 from typing import Optional
 
 from ruvllm_jax.errors import ConfigError
+
+
+def _is_real(x) -> bool:
+    """A real number (int or float, not a string or None), so comparisons cannot raise TypeError."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 class Precision(enum.Enum):
@@ -148,7 +154,7 @@ class KvCacheConfig:
 
     def __post_init__(self):
         for name in ("tail_length", "max_tokens", "num_kv_heads", "head_dim", "migration_batch"):
-            if getattr(self, name) <= 0:
+            if not isinstance(getattr(self, name), numbers.Integral) or getattr(self, name) <= 0:
                 raise ConfigError(f"KvCacheConfig.{name} must be > 0, got {getattr(self, name)}")
 
 
@@ -168,7 +174,7 @@ class ModelConfig:
     hf_token: Optional[str] = None
 
     def __post_init__(self):
-        if self.max_context <= 0:
+        if not isinstance(self.max_context, numbers.Integral) or self.max_context <= 0:
             raise ConfigError(f"max_context must be > 0, got {self.max_context}")
         if not isinstance(self.quantization, Precision):
             raise ConfigError(f"quantization must be a Precision, got {self.quantization!r}")
@@ -192,13 +198,17 @@ class GenerateParams:
             object.__setattr__(self, "stop_sequences", tuple(seqs))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise ConfigError(f"max_tokens must be an int >= 0, got {self.max_tokens!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
+        if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ConfigError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if (
+            not _is_real(self.repetition_penalty)
+            or not math.isfinite(self.repetition_penalty)
+            or self.repetition_penalty <= 0
+        ):
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if any(not isinstance(s, str) or not s for s in self.stop_sequences):
             raise ConfigError(f"stop_sequences must be non-empty strings, got {self.stop_sequences!r}")

@@ -1,0 +1,129 @@
+"""Core value types: precision sizes, size classes, devices, and validated, frozen configs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from ruvllm_jax import (
+    ConfigError,
+    DeviceType,
+    GenerateParams,
+    KvCacheConfig,
+    MemoryStats,
+    ModelConfig,
+    ModelSize,
+    Precision,
+)
+
+
+@pytest.mark.parametrize("precision, expected", [
+    (Precision.FP32, 4.0), (Precision.FP16, 2.0), (Precision.BF16, 2.0),
+    (Precision.Q8, 34 / 32), (Precision.Q4, 20 / 32), (Precision.Q4K, 0.5625),
+])
+def test_bytes_per_element_includes_scale_overhead(precision, expected):
+    assert precision.bytes_per_element() == expected
+    assert isinstance(precision.bytes_per_element(), float)
+    assert precision.is_quantized == (precision in (Precision.Q8, Precision.Q4, Precision.Q4K))
+
+
+def test_q4k_is_144_bytes_per_super_block():
+    assert Precision.Q4K.bytes_per_element() * 256 == 144
+    assert Precision.Q8.bytes_per_element() * 32 == 34
+
+
+@pytest.mark.parametrize("n, size", [
+    (0, ModelSize.Tiny), (999_999_999, ModelSize.Tiny), (1_000_000_000, ModelSize.Small),
+    (2_999_999_999, ModelSize.Small), (3_000_000_000, ModelSize.Medium), (12_999_999_999, ModelSize.Medium),
+    (13_000_000_000, ModelSize.Large), (70_000_000_000, ModelSize.Large),
+])
+def test_model_size_boundaries(n, size):
+    assert ModelSize.from_num_params(n) is size
+
+
+def test_negative_param_count_is_a_config_error():
+    with pytest.raises(ConfigError, match="-1"):
+        ModelSize.from_num_params(-1)
+
+
+def test_best_device_here_is_the_cpu():
+    assert jax.default_backend() == "cpu"
+    assert DeviceType.best() == DeviceType.Cpu
+    assert DeviceType.Cpu.to_jax() == jax.devices("cpu")[0]
+    assert ModelConfig().device is None  # None = best present, resolved by the backend
+
+
+def test_device_constructors_and_names():
+    assert DeviceType.Cuda(1) == DeviceType("cuda", 1) and str(DeviceType.Cuda(1)) == "cuda:1"
+    assert str(DeviceType.Tpu(0)) == "tpu:0" and str(DeviceType.Rocm(2)) == "rocm:2"
+    assert str(DeviceType.Cpu) == "cpu" and str(DeviceType.Metal) == "metal"
+    assert DeviceType.from_jax(jax.devices()[0]) == DeviceType.Cpu
+    assert len({DeviceType.Cuda(0), DeviceType("cuda", 0), DeviceType.Cpu}) == 2  # hashable
+
+
+def test_bad_devices_are_config_errors():
+    with pytest.raises(ConfigError, match="'gpu'"):
+        DeviceType("gpu")
+    with pytest.raises(ConfigError, match="-1"):
+        DeviceType.Cuda(-1)
+    with pytest.raises(ConfigError, match="cuda:0.*not available"):
+        DeviceType.Cuda(0).to_jax()
+    with pytest.raises(ConfigError, match="cpu.*not available"):
+        DeviceType("cpu", 5).to_jax()
+
+
+def test_generate_params_defaults_match_ruvllm():
+    p = GenerateParams()
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (256, 0.7, 0.9, 0, 1.1)
+    assert p.stop_sequences == () and p.seed is None
+    assert p.replace(seed=3).seed == 3 and p.seed is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.temperature = 1.0  # type: ignore[misc]
+
+
+def test_stop_sequences_become_a_tuple():
+    assert GenerateParams(stop_sequences="\n").stop_sequences == ("\n",)
+    assert GenerateParams(stop_sequences=["a", "bc"]).stop_sequences == ("a", "bc")
+    hash(GenerateParams(stop_sequences=["a"]))  # still hashable
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", -1), ("max_tokens", 2.5), ("max_tokens", "8"),
+    ("temperature", -0.1), ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "hot"),
+    ("top_p", 0.0), ("top_p", 1.5), ("top_p", float("nan")), ("top_p", "0.5"),
+    ("top_k", -1), ("top_k", 1.5),
+    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", float("nan")),
+    ("repetition_penalty", None),
+    ("stop_sequences", ("",)), ("stop_sequences", (1,)),
+    ("seed", -1), ("seed", 1.5), ("seed", "7"),
+])
+def test_invalid_generate_params_are_config_errors_naming_the_value(field, value):
+    with pytest.raises(ConfigError, match=field):
+        GenerateParams(**{field: value})
+
+
+def test_generate_params_edge_values_are_accepted():
+    GenerateParams(max_tokens=0, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0)
+    GenerateParams(seed=2**63)
+    GenerateParams(temperature=np.float32(0.5), top_p=np.float32(0.9), repetition_penalty=np.float64(1.2))
+
+
+def test_model_config_defaults_and_validation():
+    c = ModelConfig()
+    assert c.max_context == 4096 and c.quantization is Precision.FP32 and c.use_flash_attention
+    assert isinstance(c.kv_cache_config, KvCacheConfig)
+    with pytest.raises(ConfigError, match="max_context"):
+        ModelConfig(max_context=0)
+    with pytest.raises(ConfigError, match="max_context"):
+        ModelConfig(max_context="big")
+    with pytest.raises(ConfigError, match="'q4'"):
+        ModelConfig(quantization="q4")
+    with pytest.raises(ConfigError, match="tail_length"):
+        KvCacheConfig(tail_length=0)
+
+
+def test_memory_stats_total():
+    assert MemoryStats(params_bytes=10, cache_bytes=5, device="cpu").total_bytes == 15
