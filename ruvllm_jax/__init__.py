@@ -30,3 +30,7 @@ from ruvllm_jax.types import (
 )
 
 __version__ = "0.1.0"
+from ruvllm_jax.backend import JaxBackend, LlmBackend, Tokenizer  # noqa: E402
+from ruvllm_jax.backend.sampling import SamplingParams  # noqa: E402
+from ruvllm_jax.cache import ContiguousKVCache  # noqa: E402
+from ruvllm_jax.models.config import LlamaConfig  # noqa: E402

@@ -1,0 +1,25 @@
+"""Decode benchmark: ruvllm_jax vs transformers (torch CPU) on the same weights, side by side."""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    # Which comparisons to run: "qwen_shape" (random weights, Qwen2.5-0.5B dimensions) and/or
+    # "embedded" (the model shipped in the package).
+    c.models = "qwen_shape,embedded"
+    c.prompt_tokens = 32
+    c.new_tokens = 128  # for qwen_shape
+    c.embedded_new_tokens = 256
+    c.repeats = 3  # median of this many timed runs, after one warm-up
+    c.threads = 2  # torch threads (XLA uses all cores)
+    c.run_transformers = True
+    c.seed = 0
+    c.output = "experiments/results/bench_decode.json"
+    # Qwen2.5-0.5B dimensions.
+    c.qwen = ml_collections.ConfigDict(dict(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+        tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    ))
+    return c

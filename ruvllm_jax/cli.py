@@ -1,0 +1,69 @@
+"""`ruvllm-jax` console script: `ruvllm-jax generate --prompt "..."` streams text to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional, Sequence
+
+from ruvllm_jax.types import GenerateParams, ModelConfig, Precision
+
+
+def stream_generation(
+    model: Optional[str], prompt: str, params: GenerateParams, *, max_context: int = 4096,
+    precision: Precision = Precision.FP32, out=sys.stdout, err=sys.stderr,
+) -> str:
+    """Load `model` (None = embedded), stream the continuation of `prompt` to `out`, return it."""
+    from ruvllm_jax.backend import JaxBackend
+
+    t0 = time.perf_counter()
+    backend = JaxBackend.new()
+    backend.load_model(model or None, ModelConfig(max_context=max_context, quantization=precision))
+    info = backend.model_info()
+    print(f"[ruvllm-jax] {info.name}: {info.num_parameters / 1e6:.1f}M params on {backend.device()} "
+          f"(loaded in {time.perf_counter() - t0:.1f}s)", file=err)
+    pieces: list[str] = []
+
+    def emit(piece: str) -> bool:
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+        return True
+
+    out.write(prompt)
+    t1 = time.perf_counter()
+    backend.generate_stream(prompt, params, emit)
+    out.write("\n")
+    print(f"[ruvllm-jax] {len(''.join(pieces))} chars in {time.perf_counter() - t1:.1f}s "
+          f"(compile included)", file=err)
+    return "".join(pieces)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="ruvllm-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text, streamed to stdout")
+    g.add_argument("--model", default=None, help="hub id or local folder (default: the embedded model)")
+    g.add_argument("--prompt", default="ROMEO:\n")
+    g.add_argument("--max-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--repetition-penalty", type=float, default=1.1)
+    g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-context", type=int, default=4096)
+    g.add_argument("--precision", choices=["FP32", "FP16", "BF16"], default="FP32")
+    args = parser.parse_args(argv)
+    params = GenerateParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, stop_sequences=tuple(args.stop), seed=args.seed,
+    )
+    stream_generation(args.model, args.prompt, params, max_context=args.max_context,
+                      precision=Precision[args.precision])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
