@@ -1,5 +1,31 @@
-"""Attention kernels: Pallas for GPU/TPU, jnp for CPU, one dispatch (`impl=`)."""
+"""Attention kernels: Pallas for GPU (Triton) and TPU (Mosaic), jnp for CPU, one dispatch (`impl=`).
 
-from ruvllm_jax.kernels.attention import decode_attention, flash_attention
+One module per kernel family, each holding its kernels, its jnp path and its reference side by side:
+`flash` (prefill), `decode` (split-K single query, `merge_attention`), `paged` (block tables).
+`attention` holds the public entry points; `config` the `AttentionConfig` and dispatch rules.
+"""
 
-__all__ = ["flash_attention", "decode_attention"]
+from ruvllm_jax.kernels.attention import (
+    decode_attention,
+    flash_attention,
+    grouped_query_attention,
+    multi_query_attention,
+    paged_attention,
+)
+from ruvllm_jax.kernels.config import AttentionConfig
+from ruvllm_jax.kernels.decode import decode_attention_reference, merge_attention
+from ruvllm_jax.kernels.flash import flash_attention_reference
+from ruvllm_jax.kernels.paged import paged_attention_reference
+
+__all__ = [
+    "AttentionConfig",
+    "flash_attention",
+    "decode_attention",
+    "paged_attention",
+    "grouped_query_attention",
+    "multi_query_attention",
+    "merge_attention",
+    "flash_attention_reference",
+    "decode_attention_reference",
+    "paged_attention_reference",
+]

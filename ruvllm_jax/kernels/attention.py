@@ -1,60 +1,86 @@
-"""Attention entry points used by the model: prefill (flash) and single-token decode.
+"""Public attention entry points: validate shapes, pick the path (`impl=`), call the kernel family.
 
-The public functions validate shapes and dispatch on `impl`: "xla" is the plain jnp path (the CPU
-path), "pallas" the Pallas kernels, "auto" Pallas on GPU/TPU and jnp on CPU.
+`impl="auto"` runs the Pallas kernels on GPU (Triton) and TPU (Mosaic) and the jnp path on CPU;
+`impl="xla"` forces the jnp path; `impl="pallas"` forces the kernels, which on CPU needs
+`interpret=True` (`pallas_backend="triton" | "mosaic"` picks which kernel to interpret there).
 
 Layouts: prefill takes q [B, S, H, D] and k, v [B, T, KVH, D] (as `jax.nn.dot_product_attention`);
 decode takes q [B, H, D] against a head-major cache k, v [B, KVH, T, D] with `lengths` [B] valid
-entries per sequence, the layout that keeps each head's keys contiguous for the decode GEMV.
+entries per sequence; paged takes q [B, H, D] against pools [KVH, num_blocks, block_size, D] read
+through block tables [B, max_blocks]. RuvLLM's single-query forms (`flash_attention_neon`,
+`grouped_query_attention_neon`, `multi_query_attention_neon`) are accepted too, see each function.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import chex
 import jax
 import jax.numpy as jnp
 
-from ruvllm_jax.errors import ConfigError
+from ruvllm_jax.errors import ConfigError, PagedAttentionError
+from ruvllm_jax.kernels.config import AttentionConfig, check_window, default_scale, resolve_impl
+from ruvllm_jax.kernels.decode import decode_attention_pallas, decode_attention_xla, merge_attention
+from ruvllm_jax.kernels.flash import _FlashStatic, flash_attention_pallas, flash_attention_xla
+from ruvllm_jax.kernels.paged import (
+    check_block_tables,
+    check_paged_shapes,
+    paged_attention_pallas,
+    paged_attention_xla,
+)
 
-_IMPLS = ("auto", "pallas", "xla")
-
-
-def _check_impl(impl: str) -> str:
-    if impl not in _IMPLS:
-        raise ConfigError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
-    return impl
-
-
-def _scale(scale: Optional[float], head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+__all__ = [
+    "AttentionConfig",
+    "flash_attention",
+    "decode_attention",
+    "paged_attention",
+    "grouped_query_attention",
+    "multi_query_attention",
+    "merge_attention",
+]
 
 
 def flash_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    *,
-    causal: bool = True,
     scale: Optional[float] = None,
+    causal: bool = True,
+    *,
     sliding_window: Optional[int] = None,
     impl: str = "auto",
     interpret: bool = False,
     return_lse: bool = False,
+    pallas_backend: Optional[str] = None,
 ):
-    """Prefill attention: q [B, S, H, D], k/v [B, T, KVH, D] -> [B, S, H, D] (and lse [B, H, S])."""
-    b, s, h, d = q.shape
+    """Prefill attention: q [B, S, H, D], k/v [B, T, KVH, D] -> [B, S, H, D] (and lse [B, H, S]).
+
+    The S queries are the last S of the T key positions. RuvLLM's form `flash_attention(query [D],
+    key [T, D], value [T, D], scale, causal)` returns [D] (one query at the last position, so every
+    key is visible either way). Differentiable on every path (Pallas: custom_vjp over the jnp path).
+    """
+    if q.ndim == 1:
+        if k.ndim != 2 or v.shape != k.shape or k.shape[1] != q.shape[0]:
+            raise ConfigError(f"single-query form needs query [D], key/value [T, D]; got {q.shape}, {k.shape}, {v.shape}")
+        res = flash_attention(q[None, None, None], k[None, :, None], v[None, :, None], scale, causal,
+                              sliding_window=sliding_window, impl=impl, interpret=interpret,
+                              return_lse=return_lse, pallas_backend=pallas_backend)
+        return (res[0][0, 0, 0], res[1][0, 0, 0]) if return_lse else res[0, 0, 0]
     chex.assert_rank([q, k, v], 4)
     chex.assert_equal_shape([k, v])
-    if k.shape[0] != b or k.shape[3] != d or h % k.shape[2]:
-        raise ConfigError(f"q {q.shape} and k {k.shape} do not fit: expected k [B, T, KVH, D] with H % KVH == 0")
-    impl = _check_impl(impl)
-    del interpret  # the Pallas kernels use it
-    return _flash_attention_xla(q, k, v, causal, _scale(scale, d), sliding_window, return_lse)
+    b, s, h, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or h % k.shape[2] or k.shape[1] < s:
+        raise ConfigError(
+            f"q {q.shape} and k {k.shape} do not fit: expected k [B, T, KVH, D] with H % KVH == 0 and T >= S")
+    window = check_window(sliding_window)
+    path = resolve_impl(impl, interpret, pallas_backend)
+    scale = default_scale(scale, d)
+    if path == "xla":
+        return flash_attention_xla(q, k, v, bool(causal), scale, window, return_lse)
+    st = _FlashStatic(causal=bool(causal), scale=scale, window=window, backend=path, interpret=bool(interpret))
+    out, lse = flash_attention_pallas(q, k, v, st)
+    return (out, lse) if return_lse else out
 
 
 def decode_attention(
@@ -68,62 +94,146 @@ def decode_attention(
     impl: str = "auto",
     interpret: bool = False,
     return_residuals: bool = False,
+    pallas_backend: Optional[str] = None,
 ):
-    """One query token per sequence: q [B, H, D], cache k/v [B, KVH, T, D], lengths [B] -> [B, H, D]."""
-    b, h, d = q.shape
-    chex.assert_rank([k, v], 4)
+    """One query token per sequence: q [B, H, D], cache k/v [B, KVH, T, D], lengths [B] -> [B, H, D].
+
+    With `return_residuals`, also (max [B, H], sum [B, H]) of the softmax, for `merge_attention`.
+    There is no Mosaic decode kernel: on TPU, "auto" runs the jnp path (or use `paged_attention`).
+    """
+    chex.assert_rank([q, k, v], [3, 4, 4])
     chex.assert_equal_shape([k, v])
+    b, h, d = q.shape
     if k.shape[0] != b or k.shape[3] != d or h % k.shape[1]:
         raise ConfigError(f"q {q.shape} and cache {k.shape} do not fit: expected [B, KVH, T, D] with H % KVH == 0")
-    impl = _check_impl(impl)
-    del interpret
-    return _decode_attention_xla(q, k, v, lengths, _scale(scale, d), sliding_window, return_residuals)
+    lengths = jnp.broadcast_to(jnp.asarray(lengths), (b,))
+    window = check_window(sliding_window)
+    if impl == "auto" and jax.default_backend() == "tpu" and pallas_backend is None:
+        impl = "xla"
+    path = resolve_impl(impl, interpret, pallas_backend)
+    scale = default_scale(scale, d)
+    if path == "xla":
+        return decode_attention_xla(q, k, v, lengths, scale, window, return_residuals)
+    if path == "mosaic":
+        raise ConfigError("decode_attention has no Mosaic (TPU) kernel; use impl='xla' or paged_attention")
+    out, res = decode_attention_pallas(q, k, v, lengths, scale=scale, window=window, interpret=bool(interpret))
+    return (out, res) if return_residuals else out
 
 
-def _flash_attention_xla(q, k, v, causal, scale, sliding_window, return_lse):
-    b, s, h, d = q.shape
-    t, kvh = k.shape[1], k.shape[2]
-    g = h // kvh
-    qg = q.reshape(b, s, kvh, g, d).astype(jnp.float32)
-    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k.astype(jnp.float32)) * scale
-    q_pos = jnp.arange(s)[:, None] + (t - s)  # queries are the last s positions of the keys
-    k_pos = jnp.arange(t)[None, :]
-    mask = jnp.ones((s, t), dtype=bool)
-    if causal:
-        mask &= k_pos <= q_pos
-    if sliding_window is not None:
-        mask &= k_pos > q_pos - sliding_window
-    scores = jnp.where(mask, scores, -jnp.inf)
-    m = jnp.max(scores, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(scores - m)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgst,btkd->bskgd", p / jnp.where(l == 0, 1.0, l), v.astype(jnp.float32))
-    out = out.reshape(b, s, h, d).astype(q.dtype)
-    if return_lse:
-        lse = (m + jnp.log(l))[..., 0].reshape(b, h, s)
-        return out, lse
-    return out
+def paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    lengths: jax.Array,
+    *,
+    k_scales: Optional[jax.Array] = None,
+    v_scales: Optional[jax.Array] = None,
+    scale: Optional[float] = None,
+    sliding_window: Optional[int] = None,
+    impl: str = "auto",
+    interpret: bool = False,
+    return_residuals: bool = False,
+    pallas_backend: Optional[str] = None,
+):
+    """Decode queries q [B, H, D] against pools [KVH, num_blocks, block_size, D] through block_tables
+    [B, max_blocks] and lengths [B] -> [B, H, D] (and residuals (max, sum) [B, H]).
+
+    int8 pools take per-token scales k_scales/v_scales [KVH, num_blocks, block_size]. An unbatched
+    q [H, D] with block_tables [max_blocks] and a scalar length works too. Concrete tables/lengths
+    are checked on the host: out-of-range entries raise `PagedAttentionError`.
+    """
+    block_tables, lengths = jnp.asarray(block_tables), jnp.asarray(lengths)
+    if q.ndim == 2:
+        res = paged_attention(q[None], k_pages, v_pages, block_tables[None], lengths.reshape(1), k_scales=k_scales,
+                              v_scales=v_scales, scale=scale, sliding_window=sliding_window, impl=impl,
+                              interpret=interpret, return_residuals=return_residuals, pallas_backend=pallas_backend)
+        return (res[0][0], (res[1][0][0], res[1][1][0])) if return_residuals else res[0]
+    check_paged_shapes(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales)
+    if not jnp.issubdtype(block_tables.dtype, jnp.integer) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise PagedAttentionError(f"block_tables and lengths must be integer arrays, got {block_tables.dtype}, {lengths.dtype}")
+    check_block_tables(block_tables, lengths, k_pages.shape[1], k_pages.shape[2])
+    window = check_window(sliding_window)
+    path = resolve_impl(impl, interpret, pallas_backend)
+    scale = default_scale(scale, q.shape[-1])
+    if path == "xla":
+        return paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, scale, window,
+                                   return_residuals)
+    out, res = paged_attention_pallas(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, scale=scale,
+                                      window=window, backend=path, interpret=bool(interpret))
+    return (out, res) if return_residuals else out
 
 
-def _decode_attention_xla(q, k, v, lengths, scale, sliding_window, return_residuals):
-    b, h, d = q.shape
-    kvh, t = k.shape[1], k.shape[2]
-    g = h // kvh
-    qg = q.reshape(b, kvh, g, d).astype(jnp.float32)
-    scores = jnp.einsum("bkgd,bktd->bkgt", qg, k.astype(jnp.float32)) * scale
-    pos = jnp.arange(t)[None, :]
-    lengths = lengths.reshape(b, 1)
-    mask = pos < lengths
-    if sliding_window is not None:
-        mask &= pos >= lengths - sliding_window
-    scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
-    m = jnp.max(scores, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(scores - m)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    acc = jnp.einsum("bkgt,bktd->bkgd", p, v.astype(jnp.float32))
-    out = (acc / jnp.where(l == 0, 1.0, l)).reshape(b, h, d).astype(q.dtype)
-    if return_residuals:
-        return out, (m[..., 0].reshape(b, h), l[..., 0].reshape(b, h))
-    return out
+def grouped_query_attention(
+    queries: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    config: Optional[AttentionConfig] = None,
+    *,
+    lengths: Optional[jax.Array] = None,
+    impl: str = "auto",
+    interpret: bool = False,
+    pallas_backend: Optional[str] = None,
+) -> jax.Array:
+    """GQA, KV heads shared by groups of query heads; shapes as RuvLLM's or batched:
+
+    * queries [H, D], keys/values [T, KVH, D] -> [H, D] (RuvLLM's `grouped_query_attention_neon`);
+    * queries [B, H, D], keys/values [B, T, KVH, D] -> [B, H, D] (one query per sequence, optional
+      `lengths` [B] of valid keys);
+    * queries [B, S, H, D], keys/values [B, T, KVH, D] -> [B, S, H, D] (prefill, `config.causal`).
+    A single query is the last position, so causal masking hides nothing from it.
+    """
+    if queries.ndim == 2:
+        if keys.ndim != 3:
+            raise ConfigError(f"unbatched queries [H, D] need keys [T, KVH, D], got {keys.shape}")
+        out = grouped_query_attention(queries[None], keys[None], values[None], config, lengths=lengths, impl=impl,
+                                      interpret=interpret, pallas_backend=pallas_backend)
+        return out[0]
+    if keys.ndim != 4 or values.shape != keys.shape or queries.ndim not in (3, 4):
+        raise ConfigError(f"expected queries [B, (S,) H, D] and keys/values [B, T, KVH, D], got {queries.shape}, "
+                          f"{keys.shape}, {values.shape}")
+    h, d = queries.shape[-2:]
+    kvh = keys.shape[2]
+    if config is None:
+        if h % kvh:
+            raise ConfigError(f"num_heads={h} is not a multiple of num_kv_heads={kvh}")
+        config = AttentionConfig(num_heads=h, num_kv_heads=kvh, head_dim=d)
+    elif (config.num_heads, config.num_kv_heads, config.head_dim) != (h, kvh, d):
+        raise ConfigError(
+            f"shapes give num_heads={h}, num_kv_heads={kvh}, head_dim={d} but config has num_heads={config.num_heads}, "
+            f"num_kv_heads={config.num_kv_heads}, head_dim={config.head_dim}")
+    scale = config.effective_scale()
+    if queries.ndim == 4:
+        if lengths is not None:
+            raise ConfigError("lengths applies to single-query (decode) calls only")
+        return flash_attention(queries, keys, values, scale, config.causal, impl=impl, interpret=interpret,
+                               pallas_backend=pallas_backend)
+    b, t = keys.shape[:2]
+    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths
+    return decode_attention(queries, keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3), lengths, scale=scale,
+                            impl=impl, interpret=interpret, pallas_backend=pallas_backend)
+
+
+def multi_query_attention(
+    queries: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    config: Optional[AttentionConfig] = None,
+    *,
+    lengths: Optional[jax.Array] = None,
+    impl: str = "auto",
+    interpret: bool = False,
+    pallas_backend: Optional[str] = None,
+) -> jax.Array:
+    """MQA, one KV head shared by all query heads (RuvLLM's `multi_query_attention_neon`):
+
+    queries [H, D] with key/value [T, D] -> [H, D]; [B, H, D] with [B, T, D] -> [B, H, D];
+    [B, S, H, D] with [B, T, D] -> [B, S, H, D]. `config`, if given, must have num_kv_heads == 1.
+    """
+    if config is not None and config.num_kv_heads != 1:
+        raise ConfigError(f"multi_query_attention needs config.num_kv_heads == 1, got {config.num_kv_heads}")
+    if key.ndim not in (2, 3) or value.shape != key.shape:
+        raise ConfigError(f"MQA key/value must be [T, D] or [B, T, D], got {key.shape} and {value.shape}")
+    return grouped_query_attention(queries, key[..., None, :], value[..., None, :], config, lengths=lengths, impl=impl,
+                                   interpret=interpret, pallas_backend=pallas_backend)
+
