@@ -74,8 +74,10 @@ class JaxBackend:
     def load_model(self, model_id_or_path: Optional[str] = None, config: Optional[ModelConfig] = None) -> None:
         """Load a hub id, a local folder, or (None) the embedded default model."""
         config = config or ModelConfig()
-        if config.device is not None and config.device != self._device:
-            self._device, self._jax_device = config.device, config.device.to_jax()
+        # Resolve the device now but switch to it only once the load succeeded: a failed call
+        # must leave the backend as it was.
+        device = self._device if config.device is None else config.device
+        jax_device = self._jax_device if device == self._device else device.to_jax()
         if config.quantization not in _STORAGE_DTYPES:
             raise ConfigError(
                 f"quantization {config.quantization.name} is not implemented yet; "
@@ -86,7 +88,7 @@ class JaxBackend:
         if path.endswith(".gguf"):
             raise ModelError(f"GGUF loading is not implemented yet ({path!r}); use a safetensors folder")
         cfg = loader.load_config(path)
-        params = loader.load_params(path, cfg, dtype=_STORAGE_DTYPES[config.quantization], device=self._jax_device)
+        params = loader.load_params(path, cfg, dtype=_STORAGE_DTYPES[config.quantization], device=jax_device)
         tok_path = os.path.join(path, "tokenizer.json")
         gen_cfg = loader.read_json(os.path.join(path, "generation_config.json")) or {}
         eos = gen_cfg.get("eos_token_id", list(cfg.eos_token_ids))
@@ -96,6 +98,7 @@ class JaxBackend:
             if os.path.isfile(tok_path) else None
         )
         name = model_id if model_id_or_path is not None and not os.path.isdir(os.path.expanduser(model_id)) else os.path.basename(path.rstrip(os.sep))
+        self._device, self._jax_device = device, jax_device
         self._model = _Loaded(params, cfg, config, tokenizer, eos_ids, path, name)
 
     def download_model(self, model_id: str, quantization: Precision = Precision.FP32, cache_dir: Optional[str] = None) -> str:
