@@ -51,7 +51,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
-    y = x @ w.astype(jnp.float32).T
+    # Contract with w's input axis directly: a `w.T` inside a while loop makes XLA:CPU copy the
+    # transposed weights every iteration.
+    y = jax.lax.dot_general(x, w.astype(jnp.float32), (((x.ndim - 1,), (1,)), ((), ())))
     return y if b is None else y + b.astype(jnp.float32)
 
 
