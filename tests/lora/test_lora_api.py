@@ -1,0 +1,171 @@
+"""MicroLoRA's RuvLLM API: config rules, forward/forward_add, adapt's direction, errors that leave state alone."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from ruvllm_jax.errors import AdapterError, ConfigError
+from lora_fixtures import lora_backend  # noqa: F401 (fixture)
+from ruvllm_jax.lora import AdaptFeedback, MicroLoRA, MicroLoraConfig, TargetModule, functional
+
+
+def _same_state(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def test_for_hidden_dim_is_rank2_alpha4_on_q_and_v():
+    c = MicroLoraConfig.for_hidden_dim(4096)
+    assert (c.in_features, c.out_features, c.rank, c.alpha) == (4096, 4096, 2, 4.0)
+    assert c.target_modules == (TargetModule.QProj, TargetModule.VProj)
+    assert c.scaling == 2.0
+
+
+@pytest.mark.parametrize("rank", [0, -1])
+def test_rank_not_positive_raises_config_error_naming_it(rank):
+    with pytest.raises(ConfigError, match=f"rank must be a positive integer, got {rank}"):
+        MicroLoraConfig(in_features=8, out_features=8, rank=rank)
+
+
+def test_research_ranks_above_two_are_allowed():
+    lora = MicroLoRA.new(MicroLoraConfig(in_features=8, out_features=8, rank=5, alpha=10.0))
+    assert lora.state.params["layers"][0]["q"]["A"].shape == (8, 5)
+
+
+def test_unknown_module_raises_adapter_error_naming_it():
+    with pytest.raises(AdapterError, match="'w_pack'"):
+        MicroLoraConfig(in_features=8, out_features=8, target_modules=("w_pack",))
+
+
+def test_starts_with_b_zero_and_random_a_so_output_is_zero():
+    lora = MicroLoRA.new(MicroLoraConfig.for_hidden_dim(16))
+    layer = lora.state.params["layers"][0]
+    assert np.all(np.asarray(layer["q"]["B"]) == 0) and np.std(np.asarray(layer["q"]["A"])) > 0
+    assert not np.array_equal(layer["q"]["A"], layer["v"]["A"])
+    x = np.random.default_rng(0).normal(size=16).astype(np.float32)
+    np.testing.assert_array_equal(lora.forward(x, TargetModule.QProj), np.zeros(16))
+
+
+def test_forward_is_scaling_x_a_b_and_forward_add_adds_it():
+    lora = MicroLoRA.new(MicroLoraConfig(in_features=6, out_features=6, rank=2, alpha=3.0))
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(6, 2)).astype(np.float32), rng.normal(size=(2, 6)).astype(np.float32)
+    params = {"layers": ({**lora.state.params["layers"][0], "v": {"A": a, "B": b}},)}
+    lora.state = lora.state.replace(params=jax.tree.map(np.asarray, params))
+    x, out = rng.normal(size=6).astype(np.float32), rng.normal(size=6).astype(np.float32)
+    want = 1.5 * (x @ a) @ b
+    np.testing.assert_allclose(lora.forward(x, TargetModule.VProj), want, rtol=1e-5)
+    np.testing.assert_allclose(lora.forward_add(x, TargetModule.VProj, out), out + want, rtol=1e-5)
+
+
+def test_hebbian_adapt_moves_output_towards_input_for_good_and_away_for_bad():
+    x = np.random.default_rng(2).normal(size=8).astype(np.float32)
+    for quality, sign in ((0.9, 1.0), (0.1, -1.0)):
+        lora = MicroLoRA.new(MicroLoraConfig.for_hidden_dim(8))
+        for _ in range(3):
+            lora.adapt(x, AdaptFeedback.from_quality(quality))
+            lora.apply_updates(0.05)
+        assert sign * float(x @ np.asarray(lora.forward(x, TargetModule.QProj))) > 0
+
+
+def test_advantage_is_quality_minus_a_running_baseline():
+    lora = MicroLoRA.new(MicroLoraConfig.for_hidden_dim(4))
+    x = np.ones(4, np.float32)
+    lora.adapt(x, AdaptFeedback.from_quality(0.8), module=TargetModule.QProj)  # baseline 0.5 -> adv 0.3
+    g1 = np.asarray(lora.state.grad["layers"][0]["q"]["B"])
+    lora2 = MicroLoRA.new(MicroLoraConfig.for_hidden_dim(4))
+    lora2.adapt(x, AdaptFeedback(quality=0.0, reward=0.3), module=TargetModule.QProj)
+    np.testing.assert_allclose(g1, np.asarray(lora2.state.grad["layers"][0]["q"]["B"]), rtol=1e-6)
+    assert abs(lora.stats().baseline - (0.9 * 0.5 + 0.1 * 0.8)) < 1e-6
+
+
+def test_adapt_gradient_is_that_of_advantage_times_g_dot_lora_output():
+    cfg = MicroLoraConfig(in_features=5, out_features=3, rank=2, alpha=2.0, target_modules=("k",))
+    lora = MicroLoRA.new(cfg)
+    rng = np.random.default_rng(3)
+    b = rng.normal(size=(2, 3)).astype(np.float32)
+    lora.state = lora.state.replace(params={"layers": ({"k": {"A": lora.state.params["layers"][0]["k"]["A"], "B": b}},)})
+    a = np.asarray(lora.state.params["layers"][0]["k"]["A"])
+    x, g = rng.normal(size=5).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    lora.adapt(x, AdaptFeedback(quality=0.5, gradient_estimate=g, reward=-2.0))
+    got = lora.state.grad["layers"][0]["k"]
+    np.testing.assert_allclose(got["B"], -2.0 * np.outer(x @ a, g), rtol=1e-5)  # scaling 1
+    np.testing.assert_allclose(got["A"], -2.0 * np.outer(x, b @ g), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "feedback, x_len, match",
+    [
+        (AdaptFeedback.from_quality(float("nan")), 8, "quality must be a finite real number, got nan"),
+        (AdaptFeedback.from_quality(float("inf")), 8, "got inf"),
+        (AdaptFeedback.from_quality(1.5), 8, r"quality must be in \[0, 1\], got 1.5"),
+        (AdaptFeedback.from_quality(-0.1), 8, "got -0.1"),
+        (AdaptFeedback(quality=0.5, reward=float("nan")), 8, "reward must be a finite real number, got nan"),
+        (AdaptFeedback.from_quality(0.9), 7, r"input of shape \(7,\) fits no target module"),
+        (AdaptFeedback(quality=0.9, gradient_estimate=np.ones(5)), 8, r"shape \(8,\) fits no target"),
+    ],
+)
+def test_bad_feedback_raises_and_accumulates_nothing(feedback, x_len, match):
+    lora = MicroLoRA.new(MicroLoraConfig.for_hidden_dim(8))
+    lora.adapt(np.ones(8, np.float32), AdaptFeedback.from_quality(0.7))
+    before = lora.state
+    with pytest.raises(AdapterError, match=match):
+        lora.adapt(np.ones(x_len, np.float32), feedback)
+    assert _same_state(before, lora.state)
+
+
+def test_nan_input_and_wrong_gradient_length_for_named_module_raise():
+    lora = MicroLoRA.new(MicroLoraConfig.for_hidden_dim(8))
+    before = lora.state
+    with pytest.raises(AdapterError, match="NaN or infinite"):
+        lora.adapt(np.full(8, np.nan, np.float32), AdaptFeedback.from_quality(0.7))
+    fb = AdaptFeedback(quality=0.7, gradient_estimate=np.ones(3), source_module=TargetModule.VProj)
+    with pytest.raises(AdapterError, match=r"gradient_estimate for VProj must have length 8, got shape \(3,\)"):
+        lora.adapt(np.ones(8, np.float32), fb)
+    with pytest.raises(AdapterError, match="module KProj is not adapted"):
+        lora.adapt(np.ones(8, np.float32), AdaptFeedback.from_quality(0.7), module=TargetModule.KProj)
+    assert _same_state(before, lora.state)
+
+
+def test_hebbian_on_non_square_module_raises(lora_backend):
+    lora = MicroLoRA.for_model(lora_backend.config, target_modules=("k",))  # 64 -> 32 under GQA
+    with pytest.raises(AdapterError, match=r"KProj is not square \(64 -> 32\)"):
+        lora.adapt(np.ones(64, np.float32), AdaptFeedback.from_quality(0.9))
+
+
+def test_model_adapters_with_mismatched_dims_raise(lora_backend):
+    with pytest.raises(AdapterError, match="do not match the model's hidden size 64"):
+        MicroLoRA(MicroLoraConfig.for_hidden_dim(32), model_config=lora_backend.config)
+    bad = MicroLoRA.new(MicroLoraConfig.for_hidden_dim(64)).adapters  # one layer; the model has two
+    with pytest.raises(AdapterError, match="adapters have 1 layers, the model has 2"):
+        lora_backend.attach_adapters(bad)
+    assert lora_backend.adapters is None
+
+
+def test_reset_and_stats_count_what_happened():
+    lora = MicroLoRA.new(MicroLoraConfig.for_hidden_dim(8))
+    a0 = np.asarray(lora.state.params["layers"][0]["q"]["A"])
+    x = np.linspace(-1, 1, 8).astype(np.float32)
+    lora.adapt(x, AdaptFeedback.from_quality(0.9))
+    lora.adapt(x, AdaptFeedback.from_quality(0.95))
+    s = lora.stats()
+    assert (s.samples_accumulated, s.pending_samples, s.updates_applied) == (2, 2, 0) and s.grad_norm > 0
+    lora.apply_updates(0.1)
+    s = lora.stats()
+    assert (s.pending_samples, s.updates_applied, s.grad_norm) == (0, 1, 0.0) and s.b_norm > 0
+    lora.reset()
+    s = lora.stats()
+    assert (s.samples_accumulated, s.updates_applied, s.b_norm) == (0, 0, 0.0)
+    np.testing.assert_array_equal(lora.state.params["layers"][0]["q"]["A"], a0)
+
+
+def test_functional_layer_jits_and_matches_the_facade():
+    lora = MicroLoRA.new(MicroLoraConfig.for_hidden_dim(8))
+    x = np.linspace(0, 1, 8).astype(np.float32)
+    st = functional.adapt(lora.state, x, None, 0.9, modules=("q", "v"), layer=0)
+    st = functional.apply_updates(st, 0.1)
+    lora.adapt(x, AdaptFeedback.from_quality(0.9))
+    lora.apply_updates(0.1)
+    assert _same_state(st, lora.state)
