@@ -59,7 +59,7 @@ class JaxBackend:
         self._jax_device = self._device.to_jax()
         self._model: Optional[_Loaded] = None
         self._last_cache_bytes = 0
-        self.adapters = None  # LoRA adapters pytree applied in every forward when set
+        self._adapters = None  # a LoRA adapters pytree or a MicroLoRA, applied in every forward when set
         self.decode_chunk_size = engine.DEFAULT_CHUNK
 
     @classmethod
@@ -152,6 +152,32 @@ class JaxBackend:
 
     def _max_context(self) -> int:
         return self._require().model_config.max_context
+
+    # -- LoRA adapters ---------------------------------------------------------------------------
+    def attach_adapters(self, adapters) -> None:
+        """Apply LoRA adapters in every generation: a `MicroLoRA` (its current values are read at each
+        call, so updates show up without re-attaching) or an adapters pytree. Replaces (swaps) any
+        attached before. New values never recompile; a new structure (modules, rank) compiles once."""
+        from ruvllm_jax.lora.functional import check_adapters
+
+        check_adapters(getattr(adapters, "adapters", adapters), self.config)
+        self._adapters = adapters
+
+    def detach_adapters(self) -> None:
+        self._adapters = None
+
+    @property
+    def adapters(self):
+        """The adapters pytree in use (None when none is attached)."""
+        a = self._adapters
+        return a if a is None or isinstance(a, dict) else a.adapters
+
+    @adapters.setter
+    def adapters(self, value) -> None:
+        if value is None:
+            self.detach_adapters()
+        else:
+            self.attach_adapters(value)
 
     # -- generation ------------------------------------------------------------------------------
     def generate_tokens(self, prompt_ids: Sequence[int], params: Optional[GenerateParams] = None) -> list[int]:
