@@ -179,7 +179,7 @@ def test_prompt_plus_max_tokens_beyond_context_fails_before_any_work(llama_dir):
     calls = []
     with pytest.raises(GenerationError, match="max_context=64"):
         b.generate_stream(PROMPT, GREEDY.replace(max_tokens=60), calls.append)
-    assert time.perf_counter() - t0 < 1.0 and calls == []
+    assert time.perf_counter() - t0 < 2.0 and calls == []  # no compile, no decode
     assert engine.prefill_and_sample._cache_size() == compiled  # nothing was traced or compiled
     assert b.params is params_before and b.memory_stats() == stats_before
 

@@ -134,3 +134,17 @@ def test_default_rope_matches_transformers(tmp_path):
     tokens = rng_tokens(SEQ, seed=8)
     ours = np.asarray(_forward(loader.load_params(folder, cfg), jnp.asarray(tokens), cfg=cfg))
     np.testing.assert_allclose(ours, hf_logits(model, tokens), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind, overrides", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),  # mixed layers
+    ("llama", dict(attention_bias=True, mlp_bias=True, rope_scaling=None)),  # o_proj and MLP biases
+    ("llama", dict(head_dim=32, num_key_value_heads=1, tie_word_embeddings=True, rope_scaling=None)),
+], ids=["qwen2-window-layers", "llama-biases", "llama-mqa-tied-wide-head"])
+def test_config_variants_match_transformers(tmp_path, kind, overrides):
+    model = build_hf_model(kind, seed=9, **overrides)
+    folder = save_hf_model(model, str(tmp_path))
+    cfg = loader.load_config(folder)
+    tokens = rng_tokens(SEQ, seed=10)
+    ours = np.asarray(_forward(loader.load_params(folder, cfg), jnp.asarray(tokens), cfg=cfg))
+    np.testing.assert_allclose(ours, hf_logits(model, tokens), atol=ATOL, rtol=0)

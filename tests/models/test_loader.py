@@ -107,6 +107,25 @@ def test_unreachable_hub_id_is_not_found(monkeypatch, tmp_path):
         JaxBackend.new().download_model(repo, cache_dir=str(tmp_path))
 
 
+def test_hub_id_in_the_local_cache_loads_offline(llama_dir, monkeypatch, tmp_path):
+    """A hub id already in the HF cache resolves without the network (the layout huggingface_hub
+    writes: models--org--name/refs/main -> snapshots/<commit>/files)."""
+    model, folder = llama_dir
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    commit = "a" * 40
+    repo = tmp_path / "models--ruvllm-test--tiny-llama"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    b = JaxBackend.new()
+    b.load_model("ruvllm-test/tiny-llama")
+    assert b.model_info().name == "ruvllm-test/tiny-llama"
+    assert b.model_info().path == str(repo / "snapshots" / commit)
+    assert b.model_info().num_parameters == sum(p.numel() for p in model.parameters())
+
+
 def test_folder_without_config_is_not_found(llama_copy):
     _, folder = llama_copy
     os.remove(os.path.join(folder, "config.json"))
