@@ -34,3 +34,12 @@ from ruvllm_jax.backend import JaxBackend, LlmBackend, Tokenizer  # noqa: E402
 from ruvllm_jax.backend.sampling import SamplingParams  # noqa: E402
 from ruvllm_jax.cache import ContiguousKVCache  # noqa: E402
 from ruvllm_jax.models.config import LlamaConfig  # noqa: E402
+from ruvllm_jax.kernels import (  # noqa: E402
+    AttentionConfig,
+    decode_attention,
+    flash_attention,
+    grouped_query_attention,
+    merge_attention,
+    multi_query_attention,
+    paged_attention,
+)

@@ -12,9 +12,10 @@ from ruvllm_jax.types import GenerateParams, ModelConfig, Precision
 
 def stream_generation(
     model: Optional[str], prompt: str, params: GenerateParams, *, max_context: int = 4096,
-    precision: Precision = Precision.FP32, out=sys.stdout, err=sys.stderr,
+    precision: Precision = Precision.FP32, out=None, err=None,
 ) -> str:
     """Load `model` (None = embedded), stream the continuation of `prompt` to `out`, return it."""
+    out, err = out or sys.stdout, err or sys.stderr
     from ruvllm_jax.backend import JaxBackend
 
     t0 = time.perf_counter()
