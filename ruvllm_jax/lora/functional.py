@@ -84,17 +84,20 @@ def init(
 
 
 def from_params(params: dict, scaling: float, *, rng: Optional[jax.Array] = None, dropout: float = 0.0,
-                baseline_decay: float = DEFAULT_BASELINE_DECAY, optimizer: str = "sgd") -> LoraState:
+                baseline_decay: float = DEFAULT_BASELINE_DECAY, optimizer: str = "sgd", device=None) -> LoraState:
     """A state around given adapter weights (e.g. imported from PEFT), with empty accumulators."""
     params = {"layers": tuple({k: {"A": jnp.asarray(v["A"], jnp.float32), "B": jnp.asarray(v["B"], jnp.float32)}
                                for k, v in layer.items()} for layer in params["layers"])}
     zeros = jax.tree.map(jnp.zeros_like, params)
-    return LoraState(
+    state = LoraState(
         params=params, scaling=jnp.float32(scaling), grad=zeros, grad_sq=zeros, pending=jnp.int32(0),
         samples=jnp.int32(0), updates=jnp.int32(0), baseline=jnp.float32(INITIAL_BASELINE),
         rng=jax.random.PRNGKey(0) if rng is None else rng, opt_state=_direction(optimizer).init(params),
         optimizer=optimizer, dropout=float(dropout), baseline_decay=float(baseline_decay),
     )
+    # Commit every leaf to one device, as jitted updates return them: a jit argument's sharding is
+    # part of its cache key, so uncommitted fresh arrays would cost one extra compile after an update.
+    return jax.device_put(state, device or jax.devices()[0])
 
 
 def _direction(optimizer: str) -> optax.GradientTransformation:
