@@ -68,17 +68,40 @@ def _with_lora(y: jax.Array, x: jax.Array, layer_adapters: Optional[dict], name:
     return y
 
 
+def _with_fused_lora(y: jax.Array, x: jax.Array, layer_adapters: Optional[dict], slots: dict) -> jax.Array:
+    """Add the adapters of several modules that share one fused weight with a single matmul pair.
+
+    `slots` maps module name -> (start, size) in y's last axis. The adapters' A are concatenated
+    along the rank axis and their scaled B placed block-diagonally, so q/k/v (or gate/up) cost one
+    low-rank product instead of one each; the blocks are loop-invariant, so XLA builds them once.
+    """
+    names = [n for n in slots if layer_adapters is not None and n in layer_adapters]
+    if not names:
+        return y
+    a = jnp.concatenate([layer_adapters[n]["A"] for n in names], axis=1)
+    b = jnp.zeros((a.shape[1], y.shape[-1]), y.dtype)
+    row = 0
+    for n in names:
+        ad, (start, size) = layer_adapters[n], slots[n]
+        rank = ad["A"].shape[1]
+        b = b.at[row : row + rank, start : start + size].set(ad["B"] * ad["scaling"])
+        row += rank
+    return y + (x @ a) @ b
+
+
 def _qkv(lp: Params, cfg: LlamaConfig, h: jax.Array, la: Optional[dict]):
     qkv = _linear(h, lp["wqkv"], lp.get("bqkv"))
-    q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
-    return _with_lora(q, h, la, "q"), _with_lora(k, h, la, "k"), _with_lora(v, h, la, "v")
+    q_kv = cfg.q_size + cfg.kv_size
+    qkv = _with_fused_lora(qkv, h, la, {"q": (0, cfg.q_size), "k": (cfg.q_size, cfg.kv_size), "v": (q_kv, cfg.kv_size)})
+    return jnp.split(qkv, [cfg.q_size, q_kv], axis=-1)
 
 
 def _mlp(lp: Params, cfg: LlamaConfig, x: jax.Array, la: Optional[dict]) -> jax.Array:
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    inter = cfg.intermediate_size
     gate_up = _linear(h, lp["w_gate_up"], lp.get("b_gate_up"))
+    gate_up = _with_fused_lora(gate_up, h, la, {"gate": (0, inter), "up": (inter, inter)})
     gate, up = jnp.split(gate_up, 2, axis=-1)
-    gate, up = _with_lora(gate, h, la, "gate"), _with_lora(up, h, la, "up")
     act = jax.nn.silu(gate) * up
     return x + _with_lora(_linear(act, lp["w_down"], lp.get("b_down")), act, la, "down")
 
