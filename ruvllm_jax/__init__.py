@@ -43,3 +43,11 @@ from ruvllm_jax.kernels import (  # noqa: E402
     multi_query_attention,
     paged_attention,
 )
+from ruvllm_jax.lora import (  # noqa: E402
+    AdaptFeedback,
+    EwcState,
+    MicroLoRA,
+    MicroLoraConfig,
+    MicroLoraStats,
+    TargetModule,
+)
