@@ -9,6 +9,6 @@ import os
 
 DEFAULT_MODEL_NAME = "tiny-shakespeare"
 DEFAULT_MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_MODEL_NAME)
-WEIGHTS_SHA256 = "15b6fcbce0307b6c66466a56de8f6e26db846111cdd0e231f0c8585b8593b474"
+WEIGHTS_SHA256 = "26e0051eab7658ffbda8db2f11e787cf8db35fabdf23d12417c5b92db3d86c49"
 
 __all__ = ["DEFAULT_MODEL_NAME", "DEFAULT_MODEL_PATH", "WEIGHTS_SHA256"]
