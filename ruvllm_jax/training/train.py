@@ -209,7 +209,7 @@ def train(
     start = int(state.step)
     stop = lc.steps if lc.stop_after is None else min(lc.steps, lc.stop_after)
     window_losses: list[jax.Array] = []
-    t0 = time.time()
+    t0 = time.time() - (history[-1]["elapsed_s"] if history else 0.0)  # wall time accumulates over resumes
     bar = tqdm(range(start, stop), initial=start, total=stop, disable=not lc.progress, desc="train")
     for step in bar:
         bsz, seq = lc.batch_shape(step)
