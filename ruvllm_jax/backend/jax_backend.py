@@ -97,7 +97,8 @@ class JaxBackend:
             Tokenizer.from_file(tok_path, bos_token_id=cfg.bos_token_id, eos_token_ids=eos_ids)
             if os.path.isfile(tok_path) else None
         )
-        name = model_id if model_id_or_path is not None and not os.path.isdir(os.path.expanduser(model_id)) else os.path.basename(path.rstrip(os.sep))
+        is_hub_id = not os.path.exists(os.path.expanduser(model_id))
+        name = model_id if is_hub_id else os.path.basename(path.rstrip(os.sep))
         self._device, self._jax_device = device, jax_device
         self._model = _Loaded(params, cfg, config, tokenizer, eos_ids, path, name)
 
@@ -151,7 +152,9 @@ class JaxBackend:
         return self._model
 
     def _max_context(self) -> int:
-        return self._require().model_config.max_context
+        """ModelConfig.max_context, capped by the positions the model was trained for."""
+        m = self._require()
+        return min(m.model_config.max_context, m.cfg.max_position_embeddings)
 
     # -- LoRA adapters ---------------------------------------------------------------------------
     def attach_adapters(self, adapters) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 
 import jax
 import pytest
@@ -78,7 +77,9 @@ def test_model_info_describes_the_hf_model(backend, llama_dir):
     assert info.size is ModelSize.Tiny and info.architecture == "llama"
     assert (info.hidden_size, info.num_layers, info.num_heads, info.num_kv_heads, info.head_dim, info.vocab_size) == (
         hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads, 16, hf.vocab_size)
-    assert info.max_context == 4096 and info.dtype == "float32" and info.quantization is Precision.FP32
+    # ModelConfig's default 4096 is capped by the positions the model knows (max_position_embeddings).
+    assert info.max_context == hf.max_position_embeddings == 256
+    assert info.dtype == "float32" and info.quantization is Precision.FP32
     assert info.path == os.path.abspath(folder) and info.name == os.path.basename(folder)
 
 
@@ -171,7 +172,6 @@ def test_prompt_plus_max_tokens_beyond_context_fails_before_any_work(llama_dir):
     params_before, stats_before = b.params, b.memory_stats()
     compiled = engine.prefill_and_sample._cache_size()
     ids = [0] + list(range(5, 15))
-    t0 = time.perf_counter()
     with pytest.raises(GenerationError, match=r"11 tokens \+ max_tokens=60 = 71 exceeds max_context=64"):
         b.generate_tokens(ids, GREEDY.replace(max_tokens=60))
     with pytest.raises(GenerationError, match="max_context=64"):
@@ -179,7 +179,7 @@ def test_prompt_plus_max_tokens_beyond_context_fails_before_any_work(llama_dir):
     calls = []
     with pytest.raises(GenerationError, match="max_context=64"):
         b.generate_stream(PROMPT, GREEDY.replace(max_tokens=60), calls.append)
-    assert time.perf_counter() - t0 < 2.0 and calls == []  # no compile, no decode
+    assert calls == []  # nothing was streamed
     assert engine.prefill_and_sample._cache_size() == compiled  # nothing was traced or compiled
     assert b.params is params_before and b.memory_stats() == stats_before
 
@@ -227,3 +227,11 @@ def test_bf16_storage_keeps_params_in_bf16(llama_dir):
     assert all(x.dtype == jax.numpy.bfloat16 for x in leaves)
     assert b.memory_stats().params_bytes == 2 * b.model_info().num_parameters
     assert b.model_info().dtype == "bfloat16" and b.model_info().quantization is Precision.BF16
+
+
+def test_max_context_is_capped_by_the_models_position_limit(llama_dir):
+    _, folder = llama_dir
+    b = JaxBackend.new()
+    b.load_model(folder, ModelConfig(max_context=100_000))
+    with pytest.raises(GenerationError, match="exceeds max_context=256"):
+        b.generate_tokens([0, 5, 6], GREEDY.replace(max_tokens=254))
