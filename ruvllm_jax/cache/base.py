@@ -21,14 +21,14 @@ import jax
 class KVCache(Protocol):
     def prefill_attend(
         self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *,
-        sliding_window: Optional[int], impl: str,
+        sliding_window: Optional[int], impl: str, interpret: bool = False,
     ) -> tuple["KVCache", jax.Array]:
         """q [B, S, H, D], k/v [B, S, KVH, D] -> (cache, out [B, S, H, D])."""
         ...
 
     def decode_attend(
         self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, *,
-        sliding_window: Optional[int], impl: str,
+        sliding_window: Optional[int], impl: str, interpret: bool = False,
     ) -> tuple["KVCache", jax.Array]:
         """q [B, H, D], k/v [B, KVH, D], positions [B] -> (cache, out [B, H, D])."""
         ...

@@ -48,17 +48,19 @@ class ContiguousKVCache:
         ks[layer], vs[layer] = k_l, v_l
         return self.replace(k=tuple(ks), v=tuple(vs))
 
-    def prefill_attend(self, layer, q, k, v, *, sliding_window: Optional[int], impl: str):
+    def prefill_attend(self, layer, q, k, v, *, sliding_window: Optional[int], impl: str, interpret: bool = False):
         b, s, kvh, d = k.shape
         if s > self.max_len:
             raise KvCacheError(f"prompt of {s} tokens does not fit a cache of {self.max_len}")
         chex.assert_shape(self.k[layer], (b, kvh, self.max_len, d))
         k_l = jax.lax.dynamic_update_slice(self.k[layer], k.transpose(0, 2, 1, 3).astype(self.k[layer].dtype), (0, 0, 0, 0))
         v_l = jax.lax.dynamic_update_slice(self.v[layer], v.transpose(0, 2, 1, 3).astype(self.v[layer].dtype), (0, 0, 0, 0))
-        out = flash_attention(q, k, v, causal=True, sliding_window=sliding_window, impl=impl)
+        out = flash_attention(q, k, v, causal=True, sliding_window=sliding_window, impl=impl, interpret=interpret)
         return self._replace_layer(layer, k_l, v_l), out
 
-    def decode_attend(self, layer, q, k, v, positions, *, sliding_window: Optional[int], impl: str):
+    def decode_attend(
+        self, layer, q, k, v, positions, *, sliding_window: Optional[int], impl: str, interpret: bool = False,
+    ):
         b, kvh, d = k.shape
         chex.assert_shape(positions, (b,))
 
@@ -67,5 +69,6 @@ class ContiguousKVCache:
 
         k_l = jax.vmap(write)(self.k[layer], k, positions)
         v_l = jax.vmap(write)(self.v[layer], v, positions)
-        out = decode_attention(q, k_l, v_l, positions + 1, sliding_window=sliding_window, impl=impl)
+        out = decode_attention(
+            q, k_l, v_l, positions + 1, sliding_window=sliding_window, impl=impl, interpret=interpret)
         return self._replace_layer(layer, k_l, v_l), out

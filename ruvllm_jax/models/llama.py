@@ -13,6 +13,9 @@ which copies each layer's weights. Everything computes in float32.
 
 Optional `adapters` add LoRA deltas `scaling * (x @ A) @ B` per layer and module ("q", "k", "v",
 "o", "gate", "up", "down"); they are jit arguments, so new adapter values never recompile.
+
+`impl` / `interpret` choose the attention kernels (see `ruvllm_jax.kernels`): "auto" is Pallas on
+GPU/TPU and jnp on CPU; `interpret=True` runs the Pallas kernels on CPU, for tests.
 """
 
 from __future__ import annotations
@@ -123,8 +126,8 @@ def _logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
 class _NoCache:
     """Stands in for a cache when the caller wants logits only (training, scoring)."""
 
-    def prefill_attend(self, layer, q, k, v, *, sliding_window, impl):
-        return self, flash_attention(q, k, v, causal=True, sliding_window=sliding_window, impl=impl)
+    def prefill_attend(self, layer, q, k, v, *, sliding_window, impl, interpret=False):
+        return self, flash_attention(q, k, v, causal=True, sliding_window=sliding_window, impl=impl, interpret=interpret)
 
 
 def prefill(
@@ -135,6 +138,7 @@ def prefill(
     *,
     adapters: Adapters = None,
     impl: str = "auto",
+    interpret: bool = False,
     logit_positions: Optional[jax.Array] = None,
 ):
     """Run a prompt. tokens [B, S] at positions 0..S-1 -> (logits, cache).
@@ -154,7 +158,8 @@ def prefill(
         q = apply_rope(q.reshape(b, s, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
-        kv_cache, attn = kv_cache.prefill_attend(i, q, k, v, sliding_window=cfg.sliding_windows[i], impl=impl)
+        kv_cache, attn = kv_cache.prefill_attend(
+            i, q, k, v, sliding_window=cfg.sliding_windows[i], impl=impl, interpret=interpret)
         chex.assert_shape(attn, (b, s, cfg.num_heads, cfg.head_dim))
         x = x + _attn_out(lp, attn.reshape(b, s, cfg.q_size), la)
         x = _mlp(lp, cfg, x, la)
@@ -173,6 +178,7 @@ def decode(
     *,
     adapters: Adapters = None,
     impl: str = "auto",
+    interpret: bool = False,
 ):
     """One token per sequence: tokens [B] at positions [B] -> (logits [B, V], cache)."""
     (b,) = tokens.shape
@@ -186,7 +192,8 @@ def decode(
         q = apply_rope(q.reshape(b, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.reshape(b, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(b, cfg.num_kv_heads, cfg.head_dim)
-        cache, attn = cache.decode_attend(i, q, k, v, positions, sliding_window=cfg.sliding_windows[i], impl=impl)
+        cache, attn = cache.decode_attend(
+            i, q, k, v, positions, sliding_window=cfg.sliding_windows[i], impl=impl, interpret=interpret)
         chex.assert_shape(attn, (b, cfg.num_heads, cfg.head_dim))
         x = x + _attn_out(lp, attn.reshape(b, cfg.q_size), la)
         x = _mlp(lp, cfg, x, la)
@@ -195,9 +202,12 @@ def decode(
     return logits, cache
 
 
-def forward(params: Params, cfg: LlamaConfig, tokens: jax.Array, *, adapters: Adapters = None, impl: str = "auto"):
+def forward(
+    params: Params, cfg: LlamaConfig, tokens: jax.Array, *, adapters: Adapters = None, impl: str = "auto",
+    interpret: bool = False,
+):
     """Causal logits [B, S, V] for whole sequences, no cache: the training and scoring forward."""
-    return prefill(params, cfg, tokens, None, adapters=adapters, impl=impl)[0]
+    return prefill(params, cfg, tokens, None, adapters=adapters, impl=impl, interpret=interpret)[0]
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
