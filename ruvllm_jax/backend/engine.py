@@ -20,6 +20,7 @@ from flax import struct
 
 from ruvllm_jax.backend.sampling import SamplingParams, presence_from_tokens, sample, update_presence
 from ruvllm_jax.cache import ContiguousKVCache
+from ruvllm_jax.cache.segmented import SegmentedKVCache
 from ruvllm_jax.errors import GenerationError
 from ruvllm_jax.models import llama
 from ruvllm_jax.models.config import LlamaConfig
@@ -112,14 +113,21 @@ def decode_chunk(
         return i + 1, st, out
 
     out = jnp.full((b, chunk), -1, jnp.int32)
+    segmented = SegmentedKVCache.supports(cfg.sliding_windows)
+    if segmented:  # append to a short segment inside the loop; one write-back per chunk
+        state = state.replace(cache=SegmentedKVCache.open(state.cache, state.position, chunk))
     count, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
+    if segmented:
+        state = state.replace(cache=state.cache.close())
     return state, out, count
 
 
-def new_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> ContiguousKVCache:
+def new_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32, chunk: int = DEFAULT_CHUNK) -> ContiguousKVCache:
+    """A cache for `max_len` positions plus `chunk` of slack, where a decode chunk's segment is
+    written back whole (see `SegmentedKVCache.close`)."""
     return ContiguousKVCache.init(
         num_layers=cfg.num_layers, batch=batch, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        max_len=max_len, dtype=dtype,
+        max_len=max_len + chunk, dtype=dtype,
     )
 
 

@@ -2,5 +2,6 @@
 
 from ruvllm_jax.cache.base import KVCache
 from ruvllm_jax.cache.contiguous import ContiguousKVCache
+from ruvllm_jax.cache.segmented import SegmentedKVCache
 
-__all__ = ["KVCache", "ContiguousKVCache"]
+__all__ = ["KVCache", "ContiguousKVCache", "SegmentedKVCache"]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from ruvllm_jax.errors import KvCacheError
-from ruvllm_jax.kernels import decode_attention, flash_attention
+from ruvllm_jax.kernels import decode_attention, flash_attention, merge_attention
 
 
 @struct.dataclass
@@ -61,14 +61,40 @@ class ContiguousKVCache:
     def decode_attend(
         self, layer, q, k, v, positions, *, sliding_window: Optional[int], impl: str, interpret: bool = False,
     ):
+        """Attend over the stored tokens plus the new one, then store it.
+
+        The stored part (positions < `positions`) and the new token are attended separately and
+        merged by log-sum-exp. Reading the cache *before* the update leaves the update a single
+        user, so XLA:CPU writes it in place; attending over the updated cache made XLA duplicate
+        the update into both users and copy the whole cache three times per step.
+        """
         b, kvh, d = k.shape
         chex.assert_shape(positions, (b,))
+        chex.assert_shape(self.k[layer], (b, kvh, self.max_len, d))
+        h = q.shape[1]
+        stored_window = None if sliding_window is None else sliding_window - 1  # the new token is the last
+        scale = d ** -0.5
+        if stored_window == 0:
+            out = jnp.broadcast_to(jnp.repeat(v, h // kvh, axis=1), q.shape).astype(q.dtype)
+        else:
+            out_old, res_old = decode_attention(
+                q, self.k[layer], self.v[layer], positions, scale=scale, sliding_window=stored_window,
+                impl=impl, interpret=interpret, return_residuals=True)
+            qg = q.reshape(b, kvh, h // kvh, d).astype(jnp.float32)
+            s_new = (jnp.einsum("bkgd,bkd->bkg", qg, k.astype(jnp.float32)) * scale).reshape(b, h)
+            v_new = jnp.repeat(v, h // kvh, axis=1)  # [B, H, D]
+            out, _ = merge_attention([out_old, v_new], [res_old, (s_new, jnp.ones_like(s_new))])
+        k_l = _write_token(self.k[layer], k, positions)
+        v_l = _write_token(self.v[layer], v, positions)
+        return self._replace_layer(layer, k_l, v_l), out.astype(q.dtype)
 
-        def write(cache_b, new_b, pos):  # cache_b [KVH, T, D], new_b [KVH, D]
-            return jax.lax.dynamic_update_slice(cache_b, new_b[:, None, :].astype(cache_b.dtype), (0, pos, 0))
+def _write_token(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """cache [B, KVH, T, D] with new [B, KVH, D] written at per-sequence positions [B].
 
-        k_l = jax.vmap(write)(self.k[layer], k, positions)
-        v_l = jax.vmap(write)(self.v[layer], v, positions)
-        out = decode_attention(
-            q, k_l, v_l, positions + 1, sliding_window=sliding_window, impl=impl, interpret=interpret)
-        return self._replace_layer(layer, k_l, v_l), out
+    Batch 1 (the common serving case) is one dynamic_update_slice; a vmapped one becomes a scatter
+    that XLA:CPU does not update in place inside the decode loop (three cache copies per step).
+    """
+    new = new[:, :, None, :].astype(cache.dtype)
+    if cache.shape[0] == 1:
+        return jax.lax.dynamic_update_slice(cache, new, (0, 0, positions[0], 0))
+    return cache.at[jnp.arange(cache.shape[0]), :, positions].set(new[:, :, 0, :])

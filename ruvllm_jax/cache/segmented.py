@@ -1,0 +1,79 @@
+"""A decode-time view of a contiguous cache: a read-only base plus a short append segment.
+
+Inside a decode loop, writing each new token into the big cache and attending over it makes
+XLA:CPU copy the whole cache every step (the updated buffer has two users, or is read and written
+by the same step). Following MaxText's prefill/autoregressive split, the loop instead appends to a
+segment of `length` tokens, attends the base (loop-invariant, never copied) and the segment
+separately and merges the two by log-sum-exp; `close` writes the segment back once per loop.
+
+Sliding-window layers need a per-step window on the base, so models with them keep using
+`ContiguousKVCache.decode_attend` directly (see `supports`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from ruvllm_jax.cache.contiguous import ContiguousKVCache, _write_token
+from ruvllm_jax.errors import KvCacheError
+from ruvllm_jax.kernels import decode_attention, merge_attention
+
+
+@struct.dataclass
+class SegmentedKVCache:
+    base: ContiguousKVCache
+    base_len: jax.Array  # [B] tokens stored in `base`
+    segment: ContiguousKVCache
+
+    @staticmethod
+    def supports(sliding_windows) -> bool:
+        return all(w is None for w in sliding_windows)
+
+    @classmethod
+    def open(cls, base: ContiguousKVCache, base_len: jax.Array, length: int) -> "SegmentedKVCache":
+        """Start a segment of `length` tokens after `base_len`; `base` needs that much slack."""
+        b, kvh, t, d = base.k[0].shape
+        if length > t:
+            raise KvCacheError(f"a segment of {length} tokens does not fit a cache of {t}")
+        segment = ContiguousKVCache.init(num_layers=len(base.k), batch=b, num_kv_heads=kvh, head_dim=d,
+                                         max_len=length, dtype=base.k[0].dtype)
+        return cls(base=base, base_len=base_len.astype(jnp.int32), segment=segment)
+
+    @property
+    def max_len(self) -> int:
+        return self.base.max_len
+
+    def decode_attend(
+        self, layer, q, k, v, positions, *, sliding_window: Optional[int], impl: str, interpret: bool = False,
+    ):
+        if sliding_window is not None:
+            raise KvCacheError("SegmentedKVCache does not support sliding-window layers")
+        chex.assert_shape(positions, (q.shape[0],))
+        index = positions - self.base_len
+        seg_k = _write_token(self.segment.k[layer], k, index)
+        seg_v = _write_token(self.segment.v[layer], v, index)
+        kw = dict(scale=q.shape[-1] ** -0.5, impl=impl, interpret=interpret, return_residuals=True)
+        out_base, res_base = decode_attention(q, self.base.k[layer], self.base.v[layer], self.base_len, **kw)
+        out_seg, res_seg = decode_attention(q, seg_k, seg_v, index + 1, **kw)
+        out, _ = merge_attention([out_base, out_seg], [res_base, res_seg])
+        return self.replace(segment=self.segment._replace_layer(layer, seg_k, seg_v)), out.astype(q.dtype)
+
+    def close(self) -> ContiguousKVCache:
+        """The base with the whole segment written at `base_len` (entries past the tokens decoded
+        are garbage that later tokens overwrite before any read: attention masks by length)."""
+
+        def write(base_l, seg_l):
+            if base_l.shape[0] == 1:
+                return jax.lax.dynamic_update_slice(base_l, seg_l, (0, 0, self.base_len[0], 0))
+            put = lambda c, s, p: jax.lax.dynamic_update_slice(c, s, (0, p, 0))  # noqa: E731
+            return jax.vmap(put)(base_l, seg_l, self.base_len)
+
+        return self.base.replace(
+            k=tuple(write(b, s) for b, s in zip(self.base.k, self.segment.k)),
+            v=tuple(write(b, s) for b, s in zip(self.base.v, self.segment.v)),
+        )
