@@ -150,8 +150,8 @@ def to_hf_tensors(params: dict[str, Any], cfg: LlamaConfig, dtype=np.float32) ->
     return out
 
 
-def hf_config_dict(cfg: LlamaConfig) -> dict[str, Any]:
-    """A transformers `config.json` for this config (model_type as given)."""
+def hf_config_dict(cfg: LlamaConfig, dtype=np.float32) -> dict[str, Any]:
+    """A transformers `config.json` for this config (model_type as given), stating the stored dtype."""
     rope = dict(cfg.rope_scaling)
     d = {
         "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[cfg.model_type]],
@@ -174,7 +174,7 @@ def hf_config_dict(cfg: LlamaConfig) -> dict[str, Any]:
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0],
         "pad_token_id": cfg.pad_token_id,
-        "torch_dtype": "float32",
+        "torch_dtype": np.dtype(dtype).name,
     }
     return d
 
@@ -185,7 +185,7 @@ def save_hf_folder(params: dict[str, Any], cfg: LlamaConfig, folder: str, *, dty
     if cfg.model_type != "llama" and any(w is not None for w in cfg.sliding_windows):
         raise ModelError("saving sliding-window configs is only supported for model_type 'llama' (none)")
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(hf_config_dict(cfg), f, indent=2)
+        json.dump(hf_config_dict(cfg, dtype), f, indent=2)
     save_file(to_hf_tensors(params, cfg, dtype), os.path.join(folder, "model.safetensors"), {"format": "pt"})
 
 
