@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loop.seq_len = 512
     c.loop.short_seq_len = 256
     c.loop.short_fraction = 0.4
-    c.loop.steps = 700
+    c.loop.steps = 1000
     c.loop.log_every = 10
     c.loop.eval_every = 50
     c.loop.eval_windows = 16

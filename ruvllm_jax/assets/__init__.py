@@ -9,6 +9,6 @@ import os
 
 DEFAULT_MODEL_NAME = "tiny-shakespeare"
 DEFAULT_MODEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_MODEL_NAME)
-WEIGHTS_SHA256 = "970a367609e26b38d75148d6f6e5b3cf5bf4bb82ab4d828a97a3629aa244df06"
+WEIGHTS_SHA256 = "18f5f0bb57cc1952c1baeff55dc0c778090dad13ec3f0c1316e0b2c2d50db05c"
 
 __all__ = ["DEFAULT_MODEL_NAME", "DEFAULT_MODEL_PATH", "WEIGHTS_SHA256"]
