@@ -123,7 +123,7 @@ def main(_):
     backend.load_model(folder)
     cfg = backend.config
     result = {
-        "model": which, "path": folder, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
+        "model": which, "path": os.path.relpath(folder) if os.path.isdir(folder) else folder, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
         "rank": c.rank, "targets": c.targets, "adapt_apply": bench_adapt(backend, c), "decode": bench_decode(backend, c),
         "jax": jax.__version__, "device": str(jax.devices()[0]), "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
