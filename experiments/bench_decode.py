@@ -54,7 +54,7 @@ def bench_ruvllm(folder: str, prompt_ids: list[int], new_tokens: int, repeats: i
     no_eos = jnp.asarray([-1], jnp.int32)  # decode the full count, as transformers does with min_new_tokens
 
     def prefill():
-        cache = engine.new_cache(m.cfg, 1, cache_len, chunk=backend.decode_chunk_size)
+        cache = engine.new_cache(m.cfg, 1, cache_len)
         st = engine.prefill_and_sample(m.params, jnp.asarray(tokens), lengths, cache, sampling, engine.make_rng(0), no_eos, cfg=m.cfg)
         return jax.block_until_ready(st)
 

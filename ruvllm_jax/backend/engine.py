@@ -122,12 +122,10 @@ def decode_chunk(
     return state, out, count
 
 
-def new_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32, chunk: int = DEFAULT_CHUNK) -> ContiguousKVCache:
-    """A cache for `max_len` positions plus `chunk` of slack, where a decode chunk's segment is
-    written back whole (see `SegmentedKVCache.close`)."""
+def new_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> ContiguousKVCache:
     return ContiguousKVCache.init(
         num_layers=cfg.num_layers, batch=batch, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        max_len=max_len + chunk, dtype=dtype,
+        max_len=max_len, dtype=dtype,
     )
 
 

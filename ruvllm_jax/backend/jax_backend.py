@@ -243,7 +243,7 @@ class JaxBackend:
         eos = jnp.asarray(m.eos_ids or (-1,), jnp.int32)
         sampling = SamplingParams.from_generate_params(params)
         with jax.default_device(self._jax_device):
-            cache = engine.new_cache(m.cfg, 1, cache_len, chunk=self.decode_chunk_size)
+            cache = engine.new_cache(m.cfg, 1, cache_len)
             self._last_cache_bytes = cache.nbytes()
             state = engine.prefill_and_sample(
                 m.params, jnp.asarray(tokens), jnp.asarray([len(ids)], jnp.int32), cache, sampling,

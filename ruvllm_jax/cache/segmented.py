@@ -36,7 +36,7 @@ class SegmentedKVCache:
 
     @classmethod
     def open(cls, base: ContiguousKVCache, base_len: jax.Array, length: int) -> "SegmentedKVCache":
-        """Start a segment of `length` tokens after `base_len`; `base` needs that much slack."""
+        """Start a segment of up to `length` tokens after the `base_len` [B] stored ones."""
         b, kvh, t, d = base.k[0].shape
         if length > t:
             raise KvCacheError(f"a segment of {length} tokens does not fit a cache of {t}")
@@ -64,16 +64,20 @@ class SegmentedKVCache:
         return self.replace(segment=self.segment._replace_layer(layer, seg_k, seg_v)), out.astype(q.dtype)
 
     def close(self) -> ContiguousKVCache:
-        """The base with the whole segment written at `base_len` (entries past the tokens decoded
-        are garbage that later tokens overwrite before any read: attention masks by length)."""
+        """The base with the segment written at `base_len`.
 
-        def write(base_l, seg_l):
-            if base_l.shape[0] == 1:
-                return jax.lax.dynamic_update_slice(base_l, seg_l, (0, 0, self.base_len[0], 0))
-            put = lambda c, s, p: jax.lax.dynamic_update_slice(c, s, (0, p, 0))  # noqa: E731
-            return jax.vmap(put)(base_l, seg_l, self.base_len)
+        Entries past the tokens actually decoded are garbage that later tokens overwrite before
+        any read (attention masks by length); those that would fall past the end of the base are
+        dropped rather than clamped back onto stored tokens.
+        """
+        b, _, seg_len, _ = self.segment.k[0].shape
+        rows = jnp.arange(b)[:, None]
+        cols = self.base_len[:, None] + jnp.arange(seg_len)[None, :]  # [B, seg_len]
+
+        def write(base_l, seg_l):  # base_l [B, KVH, T, D], seg_l [B, KVH, seg_len, D]
+            return base_l.at[rows, :, cols].set(seg_l.transpose(0, 2, 1, 3), mode="drop")
 
         return self.base.replace(
-            k=tuple(write(b, s) for b, s in zip(self.base.k, self.segment.k)),
-            v=tuple(write(b, s) for b, s in zip(self.base.v, self.segment.v)),
+            k=tuple(write(b_, s_) for b_, s_ in zip(self.base.k, self.segment.k)),
+            v=tuple(write(b_, s_) for b_, s_ in zip(self.base.v, self.segment.v)),
         )

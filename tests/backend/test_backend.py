@@ -89,10 +89,8 @@ def test_memory_stats_count_real_bytes(backend, llama_dir):
     stats = backend.memory_stats()
     assert stats.params_bytes == 4 * sum(p.numel() for p in model.parameters())
     cfg = model.config
-    # prompt + 4 tokens -> the smallest cache bucket (64 positions) plus one decode chunk of slack,
-    # K and V, every layer, f32.
-    positions = 64 + backend.decode_chunk_size
-    assert stats.cache_bytes == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * positions * 16 * 4
+    # prompt + 4 tokens -> the smallest cache bucket (64 positions), K and V, every layer, f32.
+    assert stats.cache_bytes == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 64 * 16 * 4
     assert stats.total_bytes == stats.params_bytes + stats.cache_bytes and stats.device == "cpu"
 
 

@@ -130,7 +130,7 @@ def test_cache_misuse_is_a_kv_cache_error(backend):
     cfg, params = backend.config, backend.params
     with pytest.raises(KvCacheError, match="max_len=0"):
         ContiguousKVCache.init(num_layers=2, batch=1, num_kv_heads=2, head_dim=16, max_len=0)
-    small = engine.new_cache(cfg, 1, 8, chunk=0)
+    small = engine.new_cache(cfg, 1, 8)
     with pytest.raises(KvCacheError, match="prompt of 12 tokens does not fit a cache of 8"):
         llama.prefill(params, cfg, jnp.zeros((1, 12), jnp.int32), small)
 

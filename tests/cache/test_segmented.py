@@ -54,6 +54,22 @@ def test_decoding_across_several_segments_matches_transformers(model):
     np.testing.assert_allclose(np.asarray(cache.k[0][0, :, :20]).any(axis=(0, 2)), True)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_close_writes_at_each_sequences_length_and_drops_what_does_not_fit(batch):
+    rng = np.random.default_rng(0)
+    base_k = rng.normal(size=(batch, 2, 32, 4)).astype(np.float32)
+    base = ContiguousKVCache(k=(jnp.asarray(base_k),), v=(jnp.asarray(base_k),))
+    seg = np.full((batch, 2, 4, 4), 7.0, np.float32)
+    lengths = np.array([30, 5, 28][:batch])
+    closed = SegmentedKVCache(base=base, base_len=jnp.asarray(lengths),
+                              segment=ContiguousKVCache(k=(jnp.asarray(seg),), v=(jnp.asarray(seg),))).close()
+    for b, n in enumerate(lengths):
+        expected = base_k[b].copy()
+        end = min(n + 4, 32)
+        expected[:, n:end] = 7.0  # positions past 31 are dropped, not clamped onto earlier ones
+        np.testing.assert_array_equal(np.asarray(closed.k[0][b]), expected)
+
+
 def test_sliding_window_layers_are_refused(model):
     _, params, cfg = model
     base = ContiguousKVCache.init(num_layers=1, batch=1, num_kv_heads=2, head_dim=16, max_len=8)
@@ -70,11 +86,11 @@ def test_sliding_window_layers_are_refused(model):
 def test_compiled_decode_loop_never_copies_the_cache(model):
     _, params, cfg = model
     sampling = SamplingParams.create(0.0, 0, 1.0, 1.0)
-    cache = engine.new_cache(cfg, 1, 128, chunk=8)
+    cache = engine.new_cache(cfg, 1, 128)
     state = engine.prefill_and_sample(params, jnp.zeros((1, 16), jnp.int32), jnp.asarray([16]), cache, sampling,
                                       engine.make_rng(0), jnp.asarray([-1]), cfg=cfg)
     hlo = engine.decode_chunk.lower(params, state, sampling, jnp.asarray([-1]), jnp.int32(8), cfg=cfg,
                                     chunk=8).compile().as_text()
-    cache_shape = "f32[1,%d,%d,%d]" % (cfg.num_kv_heads, 128 + 8, cfg.head_dim)
+    cache_shape = "f32[1,%d,%d,%d]" % (cfg.num_kv_heads, 128, cfg.head_dim)
     copies = [line for line in hlo.splitlines() if re.search(r"= " + re.escape(cache_shape) + r"\{[^}]*\} copy\(", line)]
     assert hlo.count(cache_shape) > 0 and copies == []
