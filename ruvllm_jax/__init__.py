@@ -28,13 +28,10 @@ from ruvllm_jax.types import (
     ModelSize,
     Precision,
 )
-
-__version__ = "0.1.0"
-from ruvllm_jax.backend import JaxBackend, LlmBackend, Tokenizer  # noqa: E402
-from ruvllm_jax.backend.sampling import SamplingParams  # noqa: E402
-from ruvllm_jax.cache import ContiguousKVCache  # noqa: E402
-from ruvllm_jax.models.config import LlamaConfig  # noqa: E402
-from ruvllm_jax.kernels import (  # noqa: E402
+from ruvllm_jax.backend import JaxBackend, LlmBackend, Tokenizer
+from ruvllm_jax.backend.sampling import SamplingParams
+from ruvllm_jax.cache import ContiguousKVCache, KVCache, SegmentedKVCache
+from ruvllm_jax.kernels import (
     AttentionConfig,
     decode_attention,
     flash_attention,
@@ -43,7 +40,7 @@ from ruvllm_jax.kernels import (  # noqa: E402
     multi_query_attention,
     paged_attention,
 )
-from ruvllm_jax.lora import (  # noqa: E402
+from ruvllm_jax.lora import (
     AdaptFeedback,
     EwcState,
     MicroLoRA,
@@ -51,3 +48,6 @@ from ruvllm_jax.lora import (  # noqa: E402
     MicroLoraStats,
     TargetModule,
 )
+from ruvllm_jax.models.config import LlamaConfig
+
+__version__ = "0.1.0"

@@ -3,7 +3,9 @@
 Decoding follows gemma's sampler: the loop state is a pytree (`DecodeState`), one pure step feeds
 the last token through the model and samples the next, and a `lax.while_loop` runs up to `chunk`
 steps on device, stopping early once every sequence is done. The host sees tokens once per chunk
-(`limit` is traced, so streaming asks for one step at a time with the same executable).
+(`limit` is traced, so streaming asks for one step at a time with the same executable). Inside a
+chunk new keys/values go to a short `SegmentedKVCache` segment, written back once per chunk, so
+the loop never copies the whole cache.
 
 Shapes are bucketed so nothing recompiles per prompt: prompts pad to a power of two (>= 16) and the
 cache to a power of two >= prompt + max_tokens, capped at the model's `max_context`.
