@@ -15,6 +15,11 @@ from typing import Optional
 from ruvllm_jax.errors import ConfigError
 
 
+def _is_int(v) -> bool:
+    """An integer that is not a bool (True would otherwise pass as max_tokens=1)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _is_real(x) -> bool:
     """A real number (int or float, not a string or None), so comparisons cannot raise TypeError."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
@@ -196,13 +201,13 @@ class GenerateParams:
         if isinstance(self.stop_sequences, (list, str)):
             seqs = (self.stop_sequences,) if isinstance(self.stop_sequences, str) else self.stop_sequences
             object.__setattr__(self, "stop_sequences", tuple(seqs))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+        if not _is_int(self.max_tokens) or self.max_tokens < 0:
             raise ConfigError(f"max_tokens must be an int >= 0, got {self.max_tokens!r}")
         if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise ConfigError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
         if (
             not _is_real(self.repetition_penalty)
@@ -212,7 +217,7 @@ class GenerateParams:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if any(not isinstance(s, str) or not s for s in self.stop_sequences):
             raise ConfigError(f"stop_sequences must be non-empty strings, got {self.stop_sequences!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise ConfigError(f"seed must be a non-negative int or None, got {self.seed!r}")
 
     def replace(self, **changes) -> "GenerateParams":

@@ -91,14 +91,14 @@ def test_stop_sequences_become_a_tuple():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("max_tokens", -1), ("max_tokens", 2.5), ("max_tokens", "8"),
+    ("max_tokens", -1), ("max_tokens", 2.5), ("max_tokens", "8"), ("max_tokens", True),
     ("temperature", -0.1), ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "hot"),
     ("top_p", 0.0), ("top_p", 1.5), ("top_p", float("nan")), ("top_p", "0.5"),
-    ("top_k", -1), ("top_k", 1.5),
+    ("top_k", -1), ("top_k", 1.5), ("top_k", False),
     ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", float("nan")),
     ("repetition_penalty", None),
     ("stop_sequences", ("",)), ("stop_sequences", (1,)),
-    ("seed", -1), ("seed", 1.5), ("seed", "7"),
+    ("seed", -1), ("seed", 1.5), ("seed", "7"), ("seed", True),
 ])
 def test_invalid_generate_params_are_config_errors_naming_the_value(field, value):
     with pytest.raises(ConfigError, match=field):
