@@ -176,14 +176,48 @@ def _top_k_top_p_partial(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, 
     return out, valid
 
 
+def _top_p_by_bisection(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Top-p without sorting, for nuclei too wide for the partial path (flat distributions).
+
+    HF keeps a token when the probability mass at or below it exceeds 1 - top_p. That mass,
+    S(v) = sum of the probabilities <= v, only grows with v, so the smallest kept probability is
+    found by bisection over the bit patterns of non-negative float32s (ordered like the floats):
+    31 whole-row masked sums instead of a sort of the vocabulary. Ties with the smallest kept
+    probability are all kept, as in the partial path.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    threshold = 1.0 - top_p  # a scalar, as everywhere in this module
+    hi = lax.bitcast_convert_type(jnp.max(probs, axis=-1, keepdims=True), jnp.int32)  # S(max) = 1 > 1 - top_p
+    lo = jnp.zeros_like(hi) - 1  # invariant: S(lo) <= 1 - top_p < S(hi)
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        v = lax.bitcast_convert_type(jnp.maximum(mid, 0), jnp.float32)
+        mass = jnp.sum(jnp.where(probs <= v, probs, 0.0), axis=-1, keepdims=True)
+        above = (mass > threshold) & (mid >= 0)
+        return jnp.where(above, lo, mid), jnp.where(above, mid, hi)
+
+    _, hi = lax.fori_loop(0, 32, step, (lo, hi))
+    smallest_kept = lax.bitcast_convert_type(hi, jnp.float32)
+    return jnp.where(probs < smallest_kept, _NEG_INF, logits).astype(logits.dtype)
+
+
 def _top_k_then_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Top-k then top-p (top_p < 1): the partial path when the nucleus fits the cap, else one sort."""
+    """Top-k then top-p (top_p < 1): the partial path when the nucleus fits the cap; otherwise
+    bisection on the top-k output, or one full sort when k itself exceeds the cap."""
     v = logits.shape[-1]
     cap = min(_TOP_K_CAP, v)
     if cap == v:
         return _top_k_top_p_by_sort(logits, top_k, top_p)
     out, valid = _top_k_top_p_partial(logits, top_k, top_p, cap)
-    return lax.cond(valid, lambda x: out, lambda x: _top_k_top_p_by_sort(x, top_k, top_p), logits)
+    k_beyond_cap = (top_k > cap) & (top_k < v)
+
+    def wide(x):
+        return lax.cond(k_beyond_cap, lambda y: _top_k_top_p_by_sort(y, top_k, top_p),
+                        lambda y: _top_p_by_bisection(apply_top_k(y, top_k), top_p), x)
+
+    return lax.cond(valid, lambda x: out, wide, logits)
 
 
 def apply_top_p(logits: jax.Array, top_p: jax.Array) -> jax.Array:

@@ -371,3 +371,14 @@ def test_from_generate_params():
 def test_generate_params_rejects_bad_values(bad):
     with pytest.raises(ConfigError):
         GenerateParams(**bad)
+
+
+@pytest.mark.parametrize("seed, spread", [(0, 0.5), (1, 1.0), (2, 1.5)])
+def test_top_p_on_flat_large_vocab_matches_hf_without_sorting(seed, spread):
+    """Nuclei far wider than the top-k cap take the bisection path; its mask equals HF's."""
+    logits = np.random.default_rng(seed).normal(size=(2, 50_000)).astype(np.float32) * spread
+    for top_p in (0.5, 0.9, 0.99):
+        ours = np.asarray(jax.jit(apply_top_p)(jnp.asarray(logits), top_p))
+        hf = TopPLogitsWarper(top_p)(None, torch.tensor(logits)).numpy()
+        assert np.isfinite(hf).sum() > 2 * S._TOP_K_CAP  # really wider than the partial path
+        np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(hf))
