@@ -90,8 +90,8 @@ class MicroLoraConfig:
     alpha: float = 4.0
     dropout: float = 0.0
     target_modules: tuple[TargetModule, ...] = (TargetModule.QProj, TargetModule.VProj)
-    # Accepted for API parity. Rank <= 2 adapters keep O(rank) activations per position, so there is
-    # nothing worth rematerializing and the flag changes nothing.
+    # Recompute the model's activations in the backward pass of `adapt_sequence` (jax.checkpoint)
+    # instead of storing them: the gradient runs back through the whole frozen model.
     gradient_checkpointing: bool = False
 
     def __post_init__(self):

@@ -184,7 +184,8 @@ class MicroLoRA:
         q, reward, has_reward = self._advantage_args(feedback)
         cfg = self._require_model()
         tokens, weights = objective.pack(prompt_ids, response_ids, cfg.vocab_size)
-        j, grads = objective.sequence_gradients(self.state.params, self.state.scaling, model_params, tokens, weights, cfg=cfg)
+        j, grads = objective.sequence_gradients(self.state.params, self.state.scaling, model_params, tokens, weights,
+                                                cfg=cfg, remat=self.config.gradient_checkpointing)
         self.state = F.accumulate(self.state, grads, q, reward, has_reward)
         return float(j)
 

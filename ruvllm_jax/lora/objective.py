@@ -56,10 +56,16 @@ def log_likelihood(lora_params: dict, scaling, model_params: dict, cfg: LlamaCon
     return jnp.sum(token_logp * weights[:-1])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def sequence_gradients(lora_params: dict, scaling, model_params: dict, tokens, weights, *, cfg: LlamaConfig):
-    """(J, ∇_θ J) for the packed sequence; θ = the adapters' A and B (`LoraState.params`)."""
-    return jax.value_and_grad(log_likelihood)(lora_params, scaling, model_params, cfg, tokens, weights)
+@functools.partial(jax.jit, static_argnames=("cfg", "remat"))
+def sequence_gradients(lora_params: dict, scaling, model_params: dict, tokens, weights, *, cfg: LlamaConfig,
+                       remat: bool = False):
+    """(J, ∇_θ J) for the packed sequence; θ = the adapters' A and B (`LoraState.params`).
+
+    `remat` (MicroLoraConfig.gradient_checkpointing) recomputes the forward's activations in the
+    backward pass instead of keeping them: less memory for long sequences, one more forward.
+    """
+    fn = jax.checkpoint(log_likelihood, static_argnums=(3,)) if remat else log_likelihood
+    return jax.value_and_grad(fn)(lora_params, scaling, model_params, cfg, tokens, weights)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
