@@ -151,6 +151,11 @@ class JaxBackend:
             raise InvalidOperationError("no model is loaded; call load_model() first")
         return self._model
 
+    def _attention_impl(self) -> str:
+        """ModelConfig.use_flash_attention: the kernels' dispatch ("auto": Pallas on GPU/TPU), or
+        plain jnp attention everywhere when False."""
+        return "auto" if self._require().model_config.use_flash_attention else "xla"
+
     def _max_context(self) -> int:
         """ModelConfig.max_context, capped by the positions the model was trained for."""
         m = self._require()
@@ -247,7 +252,7 @@ class JaxBackend:
             self._last_cache_bytes = cache.nbytes()
             state = engine.prefill_and_sample(
                 m.params, jnp.asarray(tokens), jnp.asarray([len(ids)], jnp.int32), cache, sampling,
-                engine.make_rng(params.seed), eos, self.adapters, cfg=m.cfg,
+                engine.make_rng(params.seed), eos, self.adapters, cfg=m.cfg, impl=self._attention_impl(),
             )
             first = int(state.token[0])
             if first in m.eos_ids:
@@ -258,7 +263,7 @@ class JaxBackend:
                 limit = 1 if stream else min(self.decode_chunk_size, params.max_tokens - produced)
                 state, out, count = engine.decode_chunk(
                     m.params, state, sampling, eos, jnp.int32(limit), self.adapters, cfg=m.cfg,
-                    chunk=self.decode_chunk_size,
+                    chunk=self.decode_chunk_size, impl=self._attention_impl(),
                 )
                 new = np.asarray(out[0, : int(count)])
                 for t in new:

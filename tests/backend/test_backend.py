@@ -235,3 +235,21 @@ def test_max_context_is_capped_by_the_models_position_limit(llama_dir):
     b.load_model(folder, ModelConfig(max_context=100_000))
     with pytest.raises(GenerationError, match="exceeds max_context=256"):
         b.generate_tokens([0, 5, 6], GREEDY.replace(max_tokens=254))
+
+
+def test_use_flash_attention_false_selects_the_jnp_attention_path(llama_dir, monkeypatch):
+    """ModelConfig.use_flash_attention picks the kernels' dispatch; False forces impl="xla"."""
+    _, folder = llama_dir
+    seen = []
+    real = engine.prefill_and_sample
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["impl"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "prefill_and_sample", spy)
+    for flag in (True, False):
+        b = JaxBackend.new()
+        b.load_model(folder, ModelConfig(use_flash_attention=flag))
+        b.generate_tokens([0, 5, 6], GREEDY.replace(max_tokens=2))
+    assert seen == ["auto", "xla"]
