@@ -168,7 +168,9 @@ class ModelConfig:
     """How to load a model.
 
     `quantization` defaults to FP32 rather than RuvLLM's Q4K: weight quantization at load is not
-    implemented yet, and a default that cannot be honoured would be a stub.
+    implemented yet, and a default that cannot be honoured would be a stub. `use_flash_attention`
+    False forces the plain jnp attention. `kv_cache_config` is for the two-tier cache, which is not
+    built yet: generation uses the contiguous cache and does not read it.
     """
 
     max_context: int = 4096
