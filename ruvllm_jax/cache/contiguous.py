@@ -75,7 +75,7 @@ class ContiguousKVCache:
         stored_window = None if sliding_window is None else sliding_window - 1  # the new token is the last
         scale = d ** -0.5
         if stored_window == 0:
-            out = jnp.broadcast_to(jnp.repeat(v, h // kvh, axis=1), q.shape).astype(q.dtype)
+            out = jnp.repeat(v, h // kvh, axis=1)  # a window of 1: only the new token
         else:
             out_old, res_old = decode_attention(
                 q, self.k[layer], self.v[layer], positions, scale=scale, sliding_window=stored_window,
