@@ -15,7 +15,7 @@ def get_config():
     c.dtype = "auto"  # "auto": bfloat16 on GPU/TPU, float32 on CPU (bf16 dots are a slow path on XLA:CPU)
     c.repeats = 5  # median of this many timed calls, after one warm-up (compile) call
     # Comma list of implementations to try; ones the device lacks are skipped and reported as such.
-    # ours: "jnp" (our XLA path), "pallas" (Triton on GPU, Mosaic on TPU); theirs: "xla_dpa", "cudnn_dpa".
+    # ours: "jnp" (our plain-jnp path), "pallas" (Triton on GPU, Mosaic on TPU); theirs: "xla_dpa", "cudnn_dpa".
     c.impls = "jnp,pallas,xla_dpa,cudnn_dpa"
     c.output = ""  # default: experiments/results/bench_kernels_<platform>.json
     c.seed = 0

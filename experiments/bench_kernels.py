@@ -18,7 +18,7 @@ import platform
 import statistics
 import time
 
-from absl import app, flags
+from absl import app
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_kernels.py", "Benchmark config.")
@@ -55,7 +55,7 @@ def _prefill_fns(impls, cfg):
     from ruvllm_jax.kernels import flash_attention
 
     fns = {
-        "jnp": lambda q, k, v: flash_attention(q, k, v, causal=True, impl="xla"),
+        "jnp": lambda q, k, v: flash_attention(q, k, v, causal=True, impl="jnp"),
         "pallas": lambda q, k, v: flash_attention(q, k, v, causal=True, impl="pallas"),
         "xla_dpa": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla"),
         "cudnn_dpa": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
@@ -77,7 +77,7 @@ def _decode_fns(impls, cfg):
         return f
 
     fns = {
-        "jnp": lambda q, k_hm, v_hm, k_sm, v_sm, n: decode_attention(q, k_hm, v_hm, n, impl="xla"),
+        "jnp": lambda q, k_hm, v_hm, k_sm, v_sm, n: decode_attention(q, k_hm, v_hm, n, impl="jnp"),
         "pallas": lambda q, k_hm, v_hm, k_sm, v_sm, n: decode_attention(q, k_hm, v_hm, n, impl="pallas"),
         "xla_dpa": dpa("xla"),
         "cudnn_dpa": dpa("cudnn"),
@@ -116,7 +116,9 @@ def main(_):
         (skipped.__setitem__(impl, why) if why else impls.append(impl))
     b, h, kvh, d = cfg.batch, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     rng = np.random.default_rng(cfg.seed)
-    rand = lambda *shape: jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype)
+
+    def rand(*shape):
+        return jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype)
 
     results = {"prefill": {}, "decode": {}}
     prefill = _prefill_fns(impls, cfg)

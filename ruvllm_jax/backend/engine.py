@@ -24,12 +24,14 @@ from ruvllm_jax.backend.sampling import SamplingParams, presence_from_tokens, sa
 from ruvllm_jax.cache import ContiguousKVCache
 from ruvllm_jax.cache.segmented import SegmentedKVCache
 from ruvllm_jax.errors import GenerationError
+from ruvllm_jax.kernels import KernelOptions
 from ruvllm_jax.models import llama
 from ruvllm_jax.models.config import LlamaConfig
 
 DEFAULT_CHUNK = 32
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 64
+DEFAULT_KERNEL = KernelOptions()  # "auto": Pallas on GPU/TPU, jnp on CPU
 
 
 @struct.dataclass
@@ -64,13 +66,14 @@ def _is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
     return jnp.any(tokens[:, None] == eos_ids[None, :], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "kernel"), donate_argnames=("cache",))
 def prefill_and_sample(
     params, tokens, lengths, cache, sampling: SamplingParams, rng, eos_ids, adapters=None, *,
-    cfg: LlamaConfig, impl: str = "auto",
+    cfg: LlamaConfig, kernel: KernelOptions = DEFAULT_KERNEL,
 ) -> DecodeState:
     """Run padded prompts tokens [B, S] (real lengths [B]) and sample each first new token."""
-    logits, cache = llama.prefill(params, cfg, tokens, cache, adapters=adapters, impl=impl, logit_positions=lengths - 1)
+    logits, cache = llama.prefill(params, cfg, tokens, cache, adapters=adapters, kernel=kernel,
+                                  logit_positions=lengths - 1)
     presence = presence_from_tokens(tokens, lengths, cfg.vocab_size)
     rng, key = jax.random.split(rng)
     token = sample(key, logits, presence, sampling)
@@ -80,9 +83,11 @@ def prefill_and_sample(
     )
 
 
-def decode_step(params, state: DecodeState, sampling: SamplingParams, eos_ids, adapters, cfg, impl):
+def decode_step(params, state: DecodeState, sampling: SamplingParams, eos_ids, adapters, cfg: LlamaConfig,
+                kernel: KernelOptions):
     """Feed each sequence's last token, sample the next. Finished sequences stay frozen."""
-    logits, cache = llama.decode(params, cfg, state.token, state.position, state.cache, adapters=adapters, impl=impl)
+    logits, cache = llama.decode(params, cfg, state.token, state.position, state.cache, adapters=adapters,
+                                 kernel=kernel)
     rng, key = jax.random.split(state.rng)
     token = jnp.where(state.done, state.token, sample(key, logits, state.presence, sampling))
     return DecodeState(
@@ -95,10 +100,10 @@ def decode_step(params, state: DecodeState, sampling: SamplingParams, eos_ids, a
     )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "impl"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "kernel"), donate_argnames=("state",))
 def decode_chunk(
     params, state: DecodeState, sampling: SamplingParams, eos_ids, limit, adapters=None, *,
-    cfg: LlamaConfig, chunk: int = DEFAULT_CHUNK, impl: str = "auto",
+    cfg: LlamaConfig, chunk: int = DEFAULT_CHUNK, kernel: KernelOptions = DEFAULT_KERNEL,
 ):
     """Up to min(chunk, limit) decode steps on device -> (state, tokens [B, chunk] (-1 = none), count)."""
     b = state.token.shape[0]
@@ -110,7 +115,7 @@ def decode_chunk(
     def body(carry):
         i, st, out = carry
         was_done = st.done
-        st = decode_step(params, st, sampling, eos_ids, adapters, cfg, impl)
+        st = decode_step(params, st, sampling, eos_ids, adapters, cfg, kernel)
         out = out.at[:, i].set(jnp.where(was_done, -1, st.token))
         return i + 1, st, out
 

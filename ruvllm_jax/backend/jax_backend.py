@@ -26,6 +26,7 @@ from ruvllm_jax.errors import (
     ModelError,
     TokenizationError,
 )
+from ruvllm_jax.kernels import KernelOptions
 from ruvllm_jax.models import loader
 from ruvllm_jax.models.config import LlamaConfig
 from ruvllm_jax.types import DeviceType, GenerateParams, MemoryStats, ModelConfig, ModelInfo, ModelSize, Precision
@@ -136,7 +137,7 @@ class JaxBackend:
         return ModelInfo(
             name=m.name, architecture=c.model_type, num_parameters=int(n), size=ModelSize.from_num_params(n),
             hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-            head_dim=c.head_dim, vocab_size=c.vocab_size, max_context=self._max_context(),
+            head_dim=c.head_dim, vocab_size=c.vocab_size, max_context=self.max_context(),
             dtype=str(jax.tree_util.tree_leaves(m.params)[0].dtype), quantization=m.model_config.quantization,
             path=m.path,
         )
@@ -151,13 +152,14 @@ class JaxBackend:
             raise InvalidOperationError("no model is loaded; call load_model() first")
         return self._model
 
-    def _attention_impl(self) -> str:
+    def _kernel_options(self) -> KernelOptions:
         """ModelConfig.use_flash_attention: the kernels' dispatch ("auto": Pallas on GPU/TPU), or
         plain jnp attention everywhere when False."""
-        return "auto" if self._require().model_config.use_flash_attention else "xla"
+        return KernelOptions(impl="auto" if self._require().model_config.use_flash_attention else "jnp")
 
-    def _max_context(self) -> int:
-        """ModelConfig.max_context, capped by the positions the model was trained for."""
+    def max_context(self) -> int:
+        """The longest prompt + generation this backend accepts: ModelConfig.max_context, capped by
+        the model's max_position_embeddings. Raises `InvalidOperationError` when no model is loaded."""
         m = self._require()
         return min(m.model_config.max_context, m.cfg.max_position_embeddings)
 
@@ -242,7 +244,7 @@ class JaxBackend:
             return
         if any(not 0 <= t < m.cfg.vocab_size for t in ids):
             raise TokenizationError(f"prompt token ids must be in [0, {m.cfg.vocab_size}), got {ids}")
-        prompt_bucket, cache_len = engine.buckets(len(ids), params.max_tokens, self._max_context())
+        prompt_bucket, cache_len = engine.buckets(len(ids), params.max_tokens, self.max_context())
         tokens = np.zeros((1, prompt_bucket), np.int32)
         tokens[0, : len(ids)] = ids
         eos = jnp.asarray(m.eos_ids or (-1,), jnp.int32)
@@ -252,7 +254,7 @@ class JaxBackend:
             self._last_cache_bytes = cache.nbytes()
             state = engine.prefill_and_sample(
                 m.params, jnp.asarray(tokens), jnp.asarray([len(ids)], jnp.int32), cache, sampling,
-                engine.make_rng(params.seed), eos, self.adapters, cfg=m.cfg, impl=self._attention_impl(),
+                engine.make_rng(params.seed), eos, self.adapters, cfg=m.cfg, kernel=self._kernel_options(),
             )
             first = int(state.token[0])
             if first in m.eos_ids:
@@ -263,7 +265,7 @@ class JaxBackend:
                 limit = 1 if stream else min(self.decode_chunk_size, params.max_tokens - produced)
                 state, out, count = engine.decode_chunk(
                     m.params, state, sampling, eos, jnp.int32(limit), self.adapters, cfg=m.cfg,
-                    chunk=self.decode_chunk_size, impl=self._attention_impl(),
+                    chunk=self.decode_chunk_size, kernel=self._kernel_options(),
                 )
                 new = np.asarray(out[0, : int(count)])
                 for t in new:

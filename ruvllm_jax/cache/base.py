@@ -1,36 +1,74 @@
-"""The small interface every KV cache implements so the model can run on any of them.
+"""What every KV cache offers the model: pure store functions, and its contents as attention *parts*.
 
-A cache is a pytree (so it flows through jit and can be donated) with two pure methods the model's
-attention calls once per layer:
+Caches store, attention attends. A cache is a pytree (it flows through jit and can be donated) with
+two pure update methods, called once per layer by the model's layer body:
 
-- `prefill_attend(layer, q, k, v, ...)`: store the prompt's keys/values and attend over them;
-- `decode_attend(layer, q, k, v, positions, ...)`: store one token per sequence at `positions` and
-  attend over everything stored so far.
+- `write_prompt(layer, k, v) -> cache`: store a prompt's keys/values k, v [B, S, KVH, D] at
+  positions 0..S-1;
+- `append(layer, k, v, positions) -> (cache, parts)`: store one new token per sequence (k, v
+  [B, KVH, D] at `positions` [B]) and return the parts attention must read to see every stored
+  token, the new one included.
 
-Each returns `(new_cache, attention_output)`. The contiguous cache is the first implementation; the
-two-tier and paged caches implement the same two methods.
+A *part* is a set of keys in one layout with its valid lengths. The model's attention
+(`ruvllm_jax.models.attention`) picks the kernel for each part and merges them exactly by
+log-sum-exp, so a cache never calls a kernel, knows no softmax scale and picks no path. Returning
+the parts from `append` lets a cache hand attention the buffers it read *before* writing (the
+contiguous cache does: the update then has one user and XLA:CPU writes it in place).
+
+Parts today: `KVPart` (contiguous, head-major) and `PagedKVPart` (a block pool read through block
+tables). The two-tier cache adds quantized parts (codes, scales, zero points) the same way.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Sequence, Union
 
 import jax
+from flax import struct
+
+
+@struct.dataclass
+class KVPart:
+    """Keys/values k, v [B, KVH, T, D] (head-major); key t of sequence b is stored iff t < lengths[b].
+
+    `query_offset` (static) places the query among this part's keys, for sliding windows: the query
+    sits at index lengths + query_offset of the part (0: right after the stored keys; -1: the query
+    is the part's last key). None when that varies per decode step: such a part cannot take a
+    sliding window.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array  # [B] int32
+    query_offset: Optional[int] = struct.field(pytree_node=False, default=None)
+
+
+@struct.dataclass
+class PagedKVPart:
+    """A block pool k_pages, v_pages [KVH, num_blocks, block_size, D] read through block_tables
+    [B, max_blocks] with lengths [B] (int8 pools take per-token scales [KVH, num_blocks, block_size])."""
+
+    k_pages: jax.Array
+    v_pages: jax.Array
+    block_tables: jax.Array
+    lengths: jax.Array
+    k_scales: Optional[jax.Array] = None
+    v_scales: Optional[jax.Array] = None
+    query_offset: Optional[int] = struct.field(pytree_node=False, default=None)
+
+
+Part = Union[KVPart, PagedKVPart]
 
 
 class KVCache(Protocol):
-    def prefill_attend(
-        self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, *,
-        sliding_window: Optional[int], impl: str, interpret: bool = False,
-    ) -> tuple["KVCache", jax.Array]:
-        """q [B, S, H, D], k/v [B, S, KVH, D] -> (cache, out [B, S, H, D])."""
+    def write_prompt(self, layer: int, k: jax.Array, v: jax.Array) -> "KVCache":
+        """k, v [B, S, KVH, D] at positions 0..S-1 -> the cache holding them."""
         ...
 
-    def decode_attend(
-        self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, *,
-        sliding_window: Optional[int], impl: str, interpret: bool = False,
-    ) -> tuple["KVCache", jax.Array]:
-        """q [B, H, D], k/v [B, KVH, D], positions [B] -> (cache, out [B, H, D])."""
+    def append(
+        self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array,
+    ) -> tuple["KVCache", Sequence[Part]]:
+        """k, v [B, KVH, D] at positions [B] -> (cache, the parts holding every token up to them)."""
         ...
 
     @property

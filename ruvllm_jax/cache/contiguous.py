@@ -6,20 +6,18 @@ Head-major so that decode reads each head's keys as one contiguous block. Fixed 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import chex
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from ruvllm_jax.cache.base import KVPart
 from ruvllm_jax.errors import KvCacheError
-from ruvllm_jax.kernels import decode_attention, flash_attention, merge_attention
 
 
 @struct.dataclass
 class ContiguousKVCache:
-    k: tuple[jax.Array, ...]
+    k: tuple[jax.Array, ...]  # per layer [B, KVH, max_len, D]
     v: tuple[jax.Array, ...]
 
     @classmethod
@@ -33,8 +31,8 @@ class ContiguousKVCache:
                 f"kv_heads={num_kv_heads} head_dim={head_dim} max_len={max_len}"
             )
         shape = (batch, num_kv_heads, max_len, head_dim)
-        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))  # noqa: E731
-        return cls(k=zeros(), v=zeros())
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)))
 
     @property
     def max_len(self) -> int:
@@ -43,52 +41,43 @@ class ContiguousKVCache:
     def nbytes(self) -> int:
         return sum(x.size * x.dtype.itemsize for x in (*self.k, *self.v))
 
-    def _replace_layer(self, layer: int, k_l, v_l) -> "ContiguousKVCache":
+    def replace_layer(self, layer: int, k_l: jax.Array, v_l: jax.Array) -> "ContiguousKVCache":
+        """The cache with layer `layer`'s arrays replaced by k_l, v_l [B, KVH, max_len, D]."""
         ks, vs = list(self.k), list(self.v)
         ks[layer], vs[layer] = k_l, v_l
         return self.replace(k=tuple(ks), v=tuple(vs))
 
-    def prefill_attend(self, layer, q, k, v, *, sliding_window: Optional[int], impl: str, interpret: bool = False):
+    def write_prompt(self, layer: int, k: jax.Array, v: jax.Array) -> "ContiguousKVCache":
+        """Store k, v [B, S, KVH, D] at positions 0..S-1."""
         b, s, kvh, d = k.shape
         if s > self.max_len:
             raise KvCacheError(f"prompt of {s} tokens does not fit a cache of {self.max_len}")
         chex.assert_shape(self.k[layer], (b, kvh, self.max_len, d))
-        k_l = jax.lax.dynamic_update_slice(self.k[layer], k.transpose(0, 2, 1, 3).astype(self.k[layer].dtype), (0, 0, 0, 0))
-        v_l = jax.lax.dynamic_update_slice(self.v[layer], v.transpose(0, 2, 1, 3).astype(self.v[layer].dtype), (0, 0, 0, 0))
-        out = flash_attention(q, k, v, causal=True, sliding_window=sliding_window, impl=impl, interpret=interpret)
-        return self._replace_layer(layer, k_l, v_l), out
+        k_l = jax.lax.dynamic_update_slice(self.k[layer], k.transpose(0, 2, 1, 3).astype(self.k[layer].dtype),
+                                           (0, 0, 0, 0))
+        v_l = jax.lax.dynamic_update_slice(self.v[layer], v.transpose(0, 2, 1, 3).astype(self.v[layer].dtype),
+                                           (0, 0, 0, 0))
+        return self.replace_layer(layer, k_l, v_l)
 
-    def decode_attend(
-        self, layer, q, k, v, positions, *, sliding_window: Optional[int], impl: str, interpret: bool = False,
-    ):
-        """Attend over the stored tokens plus the new one, then store it.
+    def append(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array):
+        """Store k, v [B, KVH, D] at `positions` [B] -> (cache, [stored part, new-token part]).
 
-        The stored part (positions < `positions`) and the new token are attended separately and
-        merged by log-sum-exp. Reading the cache *before* the update leaves the update a single
-        user, so XLA:CPU writes it in place; attending over the updated cache made XLA duplicate
-        the update into both users and copy the whole cache three times per step.
+        The stored part is the cache as it was *before* the write (tokens < positions): reading
+        the old buffer leaves the update a single user, so XLA:CPU writes it in place; attending
+        over the updated cache made XLA duplicate the update into both users and copy the whole
+        cache three times per step. The new token is a part of its own, merged by log-sum-exp.
         """
         b, kvh, d = k.shape
         chex.assert_shape(positions, (b,))
         chex.assert_shape(self.k[layer], (b, kvh, self.max_len, d))
-        h = q.shape[1]
-        stored_window = None if sliding_window is None else sliding_window - 1  # the new token is the last
-        scale = d ** -0.5
-        if stored_window == 0:
-            out = jnp.repeat(v, h // kvh, axis=1)  # a window of 1: only the new token
-        else:
-            out_old, res_old = decode_attention(
-                q, self.k[layer], self.v[layer], positions, scale=scale, sliding_window=stored_window,
-                impl=impl, interpret=interpret, return_residuals=True)
-            qg = q.reshape(b, kvh, h // kvh, d).astype(jnp.float32)
-            s_new = (jnp.einsum("bkgd,bkd->bkg", qg, k.astype(jnp.float32)) * scale).reshape(b, h)
-            v_new = jnp.repeat(v, h // kvh, axis=1)  # [B, H, D]
-            out, _ = merge_attention([out_old, v_new], [res_old, (s_new, jnp.ones_like(s_new))])
-        k_l = _write_token(self.k[layer], k, positions)
-        v_l = _write_token(self.v[layer], v, positions)
-        return self._replace_layer(layer, k_l, v_l), out.astype(q.dtype)
+        stored = KVPart(self.k[layer], self.v[layer], positions.astype(jnp.int32), query_offset=0)
+        new = KVPart(k[:, :, None, :], v[:, :, None, :], jnp.ones((b,), jnp.int32), query_offset=-1)
+        cache = self.replace_layer(layer, write_token(self.k[layer], k, positions),
+                                   write_token(self.v[layer], v, positions))
+        return cache, (stored, new)
 
-def _write_token(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+
+def write_token(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
     """cache [B, KVH, T, D] with new [B, KVH, D] written at per-sequence positions [B].
 
     Batch 1 (the common serving case) is one dynamic_update_slice; a vmapped one becomes a scatter

@@ -3,25 +3,25 @@
 Inside a decode loop, writing each new token into the big cache and attending over it makes
 XLA:CPU copy the whole cache every step (the updated buffer has two users, or is read and written
 by the same step). Following MaxText's prefill/autoregressive split, the loop instead appends to a
-segment of `length` tokens, attends the base (loop-invariant, never copied) and the segment
-separately and merges the two by log-sum-exp; `close` writes the segment back once per loop.
+segment of `length` tokens and hands attention two parts, the base (loop-invariant, never copied)
+and the segment, which attention merges by log-sum-exp; `close` writes the segment back once per
+loop.
 
-Sliding-window layers need a per-step window on the base, so models with them keep using
-`ContiguousKVCache.decode_attend` directly (see `supports`).
+The base's end moves against the query every step, so its part has no fixed `query_offset` and
+cannot take a sliding window: models with sliding-window layers decode on `ContiguousKVCache`
+directly (see `supports`).
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import chex
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ruvllm_jax.cache.contiguous import ContiguousKVCache, _write_token
+from ruvllm_jax.cache.base import KVPart
+from ruvllm_jax.cache.contiguous import ContiguousKVCache, write_token
 from ruvllm_jax.errors import KvCacheError
-from ruvllm_jax.kernels import decode_attention, merge_attention
 
 
 @struct.dataclass
@@ -48,20 +48,15 @@ class SegmentedKVCache:
     def max_len(self) -> int:
         return self.base.max_len
 
-    def decode_attend(
-        self, layer, q, k, v, positions, *, sliding_window: Optional[int], impl: str, interpret: bool = False,
-    ):
-        if sliding_window is not None:
-            raise KvCacheError("SegmentedKVCache does not support sliding-window layers")
-        chex.assert_shape(positions, (q.shape[0],))
+    def append(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array):
+        """Write k, v [B, KVH, D] into the segment at `positions` [B] -> (cache, [base, segment])."""
+        chex.assert_shape(positions, (k.shape[0],))
         index = positions - self.base_len
-        seg_k = _write_token(self.segment.k[layer], k, index)
-        seg_v = _write_token(self.segment.v[layer], v, index)
-        kw = dict(scale=q.shape[-1] ** -0.5, impl=impl, interpret=interpret, return_residuals=True)
-        out_base, res_base = decode_attention(q, self.base.k[layer], self.base.v[layer], self.base_len, **kw)
-        out_seg, res_seg = decode_attention(q, seg_k, seg_v, index + 1, **kw)
-        out, _ = merge_attention([out_base, out_seg], [res_base, res_seg])
-        return self.replace(segment=self.segment._replace_layer(layer, seg_k, seg_v)), out.astype(q.dtype)
+        seg_k = write_token(self.segment.k[layer], k, index)
+        seg_v = write_token(self.segment.v[layer], v, index)
+        base = KVPart(self.base.k[layer], self.base.v[layer], self.base_len)
+        seg = KVPart(seg_k, seg_v, index + 1, query_offset=-1)
+        return self.replace(segment=self.segment.replace_layer(layer, seg_k, seg_v)), (base, seg)
 
     def close(self) -> ContiguousKVCache:
         """The base with the segment written at `base_len`.
@@ -78,6 +73,6 @@ class SegmentedKVCache:
             return base_l.at[rows, :, cols].set(seg_l.transpose(0, 2, 1, 3), mode="drop")
 
         return self.base.replace(
-            k=tuple(write(b_, s_) for b_, s_ in zip(self.base.k, self.segment.k)),
-            v=tuple(write(b_, s_) for b_, s_ in zip(self.base.v, self.segment.v)),
+            k=tuple(write(b_, s_) for b_, s_ in zip(self.base.k, self.segment.k, strict=True)),
+            v=tuple(write(b_, s_) for b_, s_ in zip(self.base.v, self.segment.v, strict=True)),
         )

@@ -1,8 +1,11 @@
-"""Public attention entry points: validate shapes, pick the path (`impl=`), call the kernel family.
+"""Public attention entry points: validate shapes, pick the path, call the kernel family.
 
+How a call runs is one `KernelOptions` (`kernel=`), or its fields as keywords for convenience:
 `impl="auto"` runs the Pallas kernels on GPU (Triton) and TPU (Mosaic) and the jnp path on CPU;
-`impl="xla"` forces the jnp path; `impl="pallas"` forces the kernels, which on CPU needs
-`interpret=True` (`pallas_backend="triton" | "mosaic"` picks which kernel to interpret there).
+`impl="jnp"` forces the jnp path; `impl="pallas"` forces the kernels, which on CPU needs
+`interpret=True` (`pallas_backend="triton" | "mosaic"` picks which kernel to interpret there);
+`block_sizes=` takes the family's tile sizes (`FlashBlockSizes`, `DecodeBlockSizes`,
+`PagedBlockSizes`), as `jax.experimental.pallas.ops` do.
 
 Layouts: prefill takes q [B, S, H, D] and k, v [B, T, KVH, D] (as `jax.nn.dot_product_attention`);
 decode takes q [B, H, D] against a head-major cache k, v [B, KVH, T, D] with `lengths` [B] valid
@@ -20,18 +23,29 @@ import jax
 import jax.numpy as jnp
 
 from ruvllm_jax.errors import ConfigError, PagedAttentionError
-from ruvllm_jax.kernels.config import AttentionConfig, check_window, default_scale, resolve_impl
-from ruvllm_jax.kernels.decode import decode_attention_pallas, decode_attention_xla, merge_attention
-from ruvllm_jax.kernels.flash import _FlashStatic, flash_attention_pallas, flash_attention_xla
+from ruvllm_jax.kernels._online_softmax import merge_attention
+from ruvllm_jax.kernels.config import (
+    AttentionConfig,
+    BlockSizes,
+    DecodeBlockSizes,
+    FlashBlockSizes,
+    KernelOptions,
+    PagedBlockSizes,
+    check_window,
+    default_scale,
+)
+from ruvllm_jax.kernels.decode import decode_attention_jnp, decode_attention_pallas
+from ruvllm_jax.kernels.flash import flash_attention_jnp, flash_attention_pallas
 from ruvllm_jax.kernels.paged import (
     check_block_tables,
     check_paged_shapes,
+    paged_attention_jnp,
     paged_attention_pallas,
-    paged_attention_xla,
 )
 
 __all__ = [
     "AttentionConfig",
+    "KernelOptions",
     "flash_attention",
     "decode_attention",
     "paged_attention",
@@ -39,6 +53,27 @@ __all__ = [
     "multi_query_attention",
     "merge_attention",
 ]
+
+
+_FAMILY_BLOCKS = {"flash": FlashBlockSizes, "decode": DecodeBlockSizes, "paged": PagedBlockSizes}
+
+
+def kernel_options(kernel: Optional[KernelOptions], family: str, impl: str = "auto", interpret: bool = False,
+                   pallas_backend: Optional[str] = None, block_sizes=None) -> KernelOptions:
+    """The one `KernelOptions` of a public call: `kernel` as given, or built from the keywords."""
+    if kernel is not None:
+        if not isinstance(kernel, KernelOptions):
+            raise ConfigError(f"kernel must be a KernelOptions, got {kernel!r}")
+        if (impl, interpret, pallas_backend, block_sizes) != ("auto", False, None, None):
+            raise ConfigError("pass either kernel= or impl/interpret/pallas_backend/block_sizes, not both")
+        return kernel
+    blocks = BlockSizes()
+    if block_sizes is not None:
+        expected = _FAMILY_BLOCKS[family]
+        if not isinstance(block_sizes, expected):
+            raise ConfigError(f"{family} attention takes block_sizes={expected.__name__}(...), got {block_sizes!r}")
+        blocks = BlockSizes(**{family: block_sizes})
+    return KernelOptions(impl=impl, interpret=interpret, pallas_backend=pallas_backend, block_sizes=blocks)
 
 
 def flash_attention(
@@ -53,6 +88,8 @@ def flash_attention(
     interpret: bool = False,
     return_lse: bool = False,
     pallas_backend: Optional[str] = None,
+    block_sizes: Optional[FlashBlockSizes] = None,
+    kernel: Optional[KernelOptions] = None,
 ):
     """Prefill attention: q [B, S, H, D], k/v [B, T, KVH, D] -> [B, S, H, D] (and lse [B, H, S]).
 
@@ -62,10 +99,11 @@ def flash_attention(
     """
     if q.ndim == 1:
         if k.ndim != 2 or v.shape != k.shape or k.shape[1] != q.shape[0]:
-            raise ConfigError(f"single-query form needs query [D], key/value [T, D]; got {q.shape}, {k.shape}, {v.shape}")
+            raise ConfigError(
+                f"single-query form needs query [D], key/value [T, D]; got {q.shape}, {k.shape}, {v.shape}")
         res = flash_attention(q[None, None, None], k[None, :, None], v[None, :, None], scale, causal,
-                              sliding_window=sliding_window, impl=impl, interpret=interpret,
-                              return_lse=return_lse, pallas_backend=pallas_backend)
+                              sliding_window=sliding_window, return_lse=return_lse,
+                              kernel=kernel_options(kernel, "flash", impl, interpret, pallas_backend, block_sizes))
         return (res[0][0, 0, 0], res[1][0, 0, 0]) if return_lse else res[0, 0, 0]
     chex.assert_rank([q, k, v], 4)
     chex.assert_equal_shape([k, v])
@@ -74,12 +112,11 @@ def flash_attention(
         raise ConfigError(
             f"q {q.shape} and k {k.shape} do not fit: expected k [B, T, KVH, D] with H % KVH == 0 and T >= S")
     window = check_window(sliding_window)
-    path = resolve_impl(impl, interpret, pallas_backend)
+    kernel = kernel_options(kernel, "flash", impl, interpret, pallas_backend, block_sizes)
     scale = default_scale(scale, d)
-    if path == "xla":
-        return flash_attention_xla(q, k, v, bool(causal), scale, window, return_lse)
-    st = _FlashStatic(causal=bool(causal), scale=scale, window=window, backend=path, interpret=bool(interpret))
-    out, lse = flash_attention_pallas(q, k, v, st)
+    if kernel.path() == "jnp":
+        return flash_attention_jnp(q, k, v, bool(causal), scale, window, return_lse)
+    out, lse = flash_attention_pallas(q, k, v, causal=bool(causal), scale=scale, window=window, kernel=kernel)
     return (out, lse) if return_lse else out
 
 
@@ -95,6 +132,8 @@ def decode_attention(
     interpret: bool = False,
     return_residuals: bool = False,
     pallas_backend: Optional[str] = None,
+    block_sizes: Optional[DecodeBlockSizes] = None,
+    kernel: Optional[KernelOptions] = None,
 ):
     """One query token per sequence: q [B, H, D], cache k/v [B, KVH, T, D], lengths [B] -> [B, H, D].
 
@@ -108,15 +147,14 @@ def decode_attention(
         raise ConfigError(f"q {q.shape} and cache {k.shape} do not fit: expected [B, KVH, T, D] with H % KVH == 0")
     lengths = jnp.broadcast_to(jnp.asarray(lengths), (b,))
     window = check_window(sliding_window)
-    if impl == "auto" and jax.default_backend() == "tpu" and pallas_backend is None:
-        impl = "xla"
-    path = resolve_impl(impl, interpret, pallas_backend)
+    kernel = kernel_options(kernel, "decode", impl, interpret, pallas_backend, block_sizes)
+    path = kernel.path(has_mosaic=False)
     scale = default_scale(scale, d)
-    if path == "xla":
-        return decode_attention_xla(q, k, v, lengths, scale, window, return_residuals)
+    if path == "jnp":
+        return decode_attention_jnp(q, k, v, lengths, scale, window, return_residuals)
     if path == "mosaic":
-        raise ConfigError("decode_attention has no Mosaic (TPU) kernel; use impl='xla' or paged_attention")
-    out, res = decode_attention_pallas(q, k, v, lengths, scale=scale, window=window, interpret=bool(interpret))
+        raise ConfigError("decode_attention has no Mosaic (TPU) kernel; use impl='jnp' or paged_attention")
+    out, res = decode_attention_pallas(q, k, v, lengths, scale=scale, window=window, kernel=kernel)
     return (out, res) if return_residuals else out
 
 
@@ -135,6 +173,8 @@ def paged_attention(
     interpret: bool = False,
     return_residuals: bool = False,
     pallas_backend: Optional[str] = None,
+    block_sizes: Optional[PagedBlockSizes] = None,
+    kernel: Optional[KernelOptions] = None,
 ):
     """Decode queries q [B, H, D] against pools [KVH, num_blocks, block_size, D] through block_tables
     [B, max_blocks] and lengths [B] -> [B, H, D] (and residuals (max, sum) [B, H]).
@@ -144,23 +184,24 @@ def paged_attention(
     are checked on the host: out-of-range entries raise `PagedAttentionError`.
     """
     block_tables, lengths = jnp.asarray(block_tables), jnp.asarray(lengths)
+    kernel = kernel_options(kernel, "paged", impl, interpret, pallas_backend, block_sizes)
     if q.ndim == 2:
         res = paged_attention(q[None], k_pages, v_pages, block_tables[None], lengths.reshape(1), k_scales=k_scales,
-                              v_scales=v_scales, scale=scale, sliding_window=sliding_window, impl=impl,
-                              interpret=interpret, return_residuals=return_residuals, pallas_backend=pallas_backend)
+                              v_scales=v_scales, scale=scale, sliding_window=sliding_window,
+                              return_residuals=return_residuals, kernel=kernel)
         return (res[0][0], (res[1][0][0], res[1][1][0])) if return_residuals else res[0]
     check_paged_shapes(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales)
     if not jnp.issubdtype(block_tables.dtype, jnp.integer) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise PagedAttentionError(f"block_tables and lengths must be integer arrays, got {block_tables.dtype}, {lengths.dtype}")
+        raise PagedAttentionError(
+            f"block_tables and lengths must be integer arrays, got {block_tables.dtype}, {lengths.dtype}")
     check_block_tables(block_tables, lengths, k_pages.shape[1], k_pages.shape[2])
     window = check_window(sliding_window)
-    path = resolve_impl(impl, interpret, pallas_backend)
     scale = default_scale(scale, q.shape[-1])
-    if path == "xla":
-        return paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, scale, window,
+    if kernel.path() == "jnp":
+        return paged_attention_jnp(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, scale, window,
                                    return_residuals)
     out, res = paged_attention_pallas(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, scale=scale,
-                                      window=window, backend=path, interpret=bool(interpret))
+                                      window=window, kernel=kernel)
     return (out, res) if return_residuals else out
 
 
@@ -174,6 +215,7 @@ def grouped_query_attention(
     impl: str = "auto",
     interpret: bool = False,
     pallas_backend: Optional[str] = None,
+    kernel: Optional[KernelOptions] = None,
 ) -> jax.Array:
     """GQA, KV heads shared by groups of query heads; shapes as RuvLLM's or batched:
 
@@ -186,8 +228,8 @@ def grouped_query_attention(
     if queries.ndim == 2:
         if keys.ndim != 3:
             raise ConfigError(f"unbatched queries [H, D] need keys [T, KVH, D], got {keys.shape}")
-        out = grouped_query_attention(queries[None], keys[None], values[None], config, lengths=lengths, impl=impl,
-                                      interpret=interpret, pallas_backend=pallas_backend)
+        out = grouped_query_attention(queries[None], keys[None], values[None], config, lengths=lengths,
+                                      kernel=kernel_options(kernel, "decode", impl, interpret, pallas_backend))
         return out[0]
     if keys.ndim != 4 or values.shape != keys.shape or queries.ndim not in (3, 4):
         raise ConfigError(f"expected queries [B, (S,) H, D] and keys/values [B, T, KVH, D], got {queries.shape}, "
@@ -203,15 +245,15 @@ def grouped_query_attention(
             f"shapes give num_heads={h}, num_kv_heads={kvh}, head_dim={d} but config has num_heads={config.num_heads}, "
             f"num_kv_heads={config.num_kv_heads}, head_dim={config.head_dim}")
     scale = config.effective_scale()
+    kernel = kernel_options(kernel, "decode", impl, interpret, pallas_backend)
     if queries.ndim == 4:
         if lengths is not None:
             raise ConfigError("lengths applies to single-query (decode) calls only")
-        return flash_attention(queries, keys, values, scale, config.causal, impl=impl, interpret=interpret,
-                               pallas_backend=pallas_backend)
+        return flash_attention(queries, keys, values, scale, config.causal, kernel=kernel)
     b, t = keys.shape[:2]
     lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths
     return decode_attention(queries, keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3), lengths, scale=scale,
-                            impl=impl, interpret=interpret, pallas_backend=pallas_backend)
+                            kernel=kernel)
 
 
 def multi_query_attention(
@@ -224,6 +266,7 @@ def multi_query_attention(
     impl: str = "auto",
     interpret: bool = False,
     pallas_backend: Optional[str] = None,
+    kernel: Optional[KernelOptions] = None,
 ) -> jax.Array:
     """MQA, one KV head shared by all query heads (RuvLLM's `multi_query_attention_neon`):
 
@@ -234,6 +277,6 @@ def multi_query_attention(
         raise ConfigError(f"multi_query_attention needs config.num_kv_heads == 1, got {config.num_kv_heads}")
     if key.ndim not in (2, 3) or value.shape != key.shape:
         raise ConfigError(f"MQA key/value must be [T, D] or [B, T, D], got {key.shape} and {value.shape}")
-    return grouped_query_attention(queries, key[..., None, :], value[..., None, :], config, lengths=lengths, impl=impl,
-                                   interpret=interpret, pallas_backend=pallas_backend)
+    return grouped_query_attention(queries, key[..., None, :], value[..., None, :], config, lengths=lengths,
+                                   kernel=kernel_options(kernel, "decode", impl, interpret, pallas_backend))
 

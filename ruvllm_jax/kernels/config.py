@@ -1,11 +1,15 @@
-"""Static attention configuration and the `impl=` dispatch rules shared by every kernel family.
+"""Static attention configuration shared by every kernel family: what to compute and how to run it.
 
-`AttentionConfig` is RuvLLM's struct (heads, KV heads, head_dim, causal, scale); `resolve_impl` turns
-the public `impl=` / `interpret=` / `pallas_backend=` arguments into one concrete path:
+`AttentionConfig` is RuvLLM's struct (heads, KV heads, head_dim, causal, scale): *what* attention
+computes. `KernelOptions` says *how*: the path (`impl`), Pallas interpret mode, the Pallas backend
+and every family's tile sizes, in one frozen (hashable, jit-static) object that travels from the
+model down to the kernels. `KernelOptions.path()` resolves it to one concrete path:
 
-* ``"xla"``: the plain-jnp path (what CPU runs, and what the backward passes reuse);
+* ``"jnp"``: the plain-jnp path (what CPU runs, and what the backward passes reuse);
 * ``"triton"``: the Pallas GPU kernels (Triton lowering), on a GPU or in interpret mode anywhere;
 * ``"mosaic"``: the Pallas TPU kernels, on a TPU or in TPU interpret mode anywhere.
+
+``impl="xla"`` is accepted as an older spelling of ``"jnp"``.
 """
 
 from __future__ import annotations
@@ -19,8 +23,103 @@ import jax.numpy as jnp
 
 from ruvllm_jax.errors import ConfigError
 
-IMPLS = ("auto", "pallas", "xla")
+IMPLS = ("auto", "pallas", "jnp")
+IMPL_ALIASES = {"xla": "jnp"}  # the name this path had before it was called after what it is written in
 PALLAS_BACKENDS = ("triton", "mosaic")
+_ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FlashBlockSizes:
+    """Prefill tiles: query positions per tile (times the padded group gives the rows), keys per tile."""
+
+    block_q: int = 64
+    block_k: int = 64
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DecodeBlockSizes:
+    """Decode tiles: keys per inner tile, and the most K splits (parallel programs along the cache)."""
+
+    block_k: int = 128
+    max_splits: int = 16
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PagedBlockSizes:
+    """Paged tiles: pages gathered per inner step (Triton), and the most K splits along the table."""
+
+    pages_per_compute_block: int = 4
+    max_splits: int = 8
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockSizes:
+    """Every kernel family's tile sizes (as `jax.experimental.pallas.ops` take `block_sizes=`)."""
+
+    flash: FlashBlockSizes = FlashBlockSizes()
+    decode: DecodeBlockSizes = DecodeBlockSizes()
+    paged: PagedBlockSizes = PagedBlockSizes()
+
+    def __post_init__(self):
+        for family in (self.flash, self.decode, self.paged):
+            for field in dataclasses.fields(family):
+                value = getattr(family, field.name)
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise ConfigError(f"{type(family).__name__}.{field.name} must be a positive int, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KernelOptions:
+    """How attention runs: `impl` ("auto" | "pallas" | "jnp"), `interpret` (run Pallas kernels on
+    CPU, for tests), `pallas_backend` ("triton" | "mosaic" | None = the device's) and `block_sizes`.
+
+    Frozen and hashable: models, engines and kernels take it as one static jit argument.
+    """
+
+    impl: str = "auto"
+    interpret: bool = False
+    pallas_backend: Optional[str] = None
+    block_sizes: BlockSizes = BlockSizes()
+
+    def __post_init__(self):
+        impl = IMPL_ALIASES.get(self.impl, self.impl) if isinstance(self.impl, str) else self.impl
+        if impl not in IMPLS:
+            raise ConfigError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        object.__setattr__(self, "impl", impl)
+        if self.pallas_backend is not None and self.pallas_backend not in PALLAS_BACKENDS:
+            raise ConfigError(f"pallas_backend must be one of {PALLAS_BACKENDS} or None, got {self.pallas_backend!r}")
+        if not isinstance(self.interpret, bool):
+            raise ConfigError(f"interpret must be a bool, got {self.interpret!r}")
+        if not isinstance(self.block_sizes, BlockSizes):
+            raise ConfigError(f"block_sizes must be a BlockSizes, got {self.block_sizes!r}")
+
+    def pallas_target(self) -> str:
+        """The Pallas backend the kernels lower for: the one asked for, else the device's."""
+        if self.pallas_backend is not None:
+            return self.pallas_backend
+        return "mosaic" if jax.default_backend() == "tpu" else "triton"
+
+    def path(self, *, has_mosaic: bool = True) -> str:
+        """"jnp", "triton" or "mosaic" on this device (see module doc); `ConfigError` when a Pallas
+        kernel cannot compile here. A family without a Mosaic kernel (`has_mosaic=False`) runs jnp
+        on TPU under "auto"."""
+        platform = jax.default_backend()
+        impl = self.impl
+        if impl == "auto":
+            impl = "pallas" if platform in _ACCELERATORS else "jnp"
+            if platform == "tpu" and not has_mosaic and self.pallas_backend is None:
+                impl = "jnp"
+        if impl == "jnp":
+            return "jnp"
+        backend = self.pallas_target()
+        native = {"triton": ("gpu", "cuda", "rocm"), "mosaic": ("tpu",)}[backend]
+        if platform not in native and not self.interpret:
+            raise ConfigError(
+                f"impl='pallas' ({backend}) cannot compile on the {platform!r} backend; "
+                "use impl='jnp' (or 'auto'), or pass interpret=True to run the Pallas kernel in interpret mode"
+            )
+        return backend
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -57,28 +156,6 @@ class AttentionConfig:
 
 def default_scale(scale: Optional[float], head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-
-
-def resolve_impl(impl: str, interpret: bool = False, pallas_backend: Optional[str] = None) -> str:
-    """Map the public dispatch arguments to "xla", "triton" or "mosaic" (see module doc)."""
-    if impl not in IMPLS:
-        raise ConfigError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if pallas_backend is not None and pallas_backend not in PALLAS_BACKENDS:
-        raise ConfigError(f"pallas_backend must be one of {PALLAS_BACKENDS} or None, got {pallas_backend!r}")
-    platform = jax.default_backend()
-    if impl == "auto":
-        impl = "pallas" if platform in ("gpu", "cuda", "rocm", "tpu") else "xla"
-    if impl == "xla":
-        return "xla"
-    if pallas_backend is None:
-        pallas_backend = "mosaic" if platform == "tpu" else "triton"
-    native = {"triton": ("gpu", "cuda", "rocm"), "mosaic": ("tpu",)}[pallas_backend]
-    if platform not in native and not interpret:
-        raise ConfigError(
-            f"impl='pallas' ({pallas_backend}) cannot compile on the {platform!r} backend; "
-            "use impl='xla' (or 'auto'), or pass interpret=True to run the Pallas kernel in interpret mode"
-        )
-    return pallas_backend
 
 
 def check_window(sliding_window: Optional[int]) -> Optional[int]:

@@ -11,61 +11,30 @@ output 0, so it merges as the identity.
 * `_decode_kernel_triton`: grid (B, KVH, K splits); each program takes the G query heads of one KV
   head (padded to >= 16 rows for the tensor-core dot) over one slice of the cache, looping only over
   the blocks inside [lengths - window, lengths); the splits are merged with `merge_attention`.
-* `decode_attention_xla`: dense jnp (the CPU path). `decode_attention_reference`: the spec.
+* `decode_attention_jnp`: dense jnp (the CPU path). `decode_attention_reference`: the spec.
 There is no Mosaic decode kernel: on TPU the paged Mosaic kernel or the jnp path serve decode.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ruvllm_jax.errors import ConfigError
-from ruvllm_jax.kernels.config import compute_dtype, next_pow2, pad_axis
-from ruvllm_jax.kernels.flash import NEG_INF, _finish, _online_softmax_step, _qk
-
-Residuals = Tuple[jax.Array, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DecodeBlockSizes:
-    """Keys per inner tile, and the most K splits (parallel programs along the cache)."""
-
-    block_k: int = 128
-    max_splits: int = 16
-
-
-def merge_attention(outs: Sequence[jax.Array], residuals: Sequence[Residuals]) -> Tuple[jax.Array, Residuals]:
-    """Exact softmax over the union of disjoint key sets from per-set outputs and (max, sum).
-
-    outs[i]: [..., D] normalized attention over key set i; residuals[i] = (max [...], sum [...]).
-    Returns (out [..., D] in outs[0]'s dtype, (max, sum)) as if attention had run over all keys.
-    """
-    if len(outs) != len(residuals) or not outs:
-        raise ConfigError(f"merge_attention needs as many residuals as outputs (>= 1), got {len(outs)} and {len(residuals)}")
-    ct = compute_dtype(*(o.dtype for o in outs))
-    maxes = jnp.stack([r[0].astype(ct) for r in residuals])
-    sums = jnp.stack([r[1].astype(ct) for r in residuals])
-    m = jnp.max(maxes, axis=0)
-    m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-    weights = sums * jnp.exp(maxes - m_safe)  # exp(-inf) = 0 drops empty sets
-    total = jnp.sum(weights, axis=0)
-    acc = sum(w[..., None] * o.astype(ct) for w, o in zip(weights, outs))
-    out = acc / jnp.where(total == 0, 1.0, total)[..., None]
-    return out.astype(outs[0].dtype), (m, total)
-
+from ruvllm_jax.kernels._online_softmax import NEG_INF, finish, merge_attention, online_softmax_step, qk
+from ruvllm_jax.kernels.config import KernelOptions, compute_dtype, next_pow2, pad_axis
 
 # --------------------------------------------------------------------------------------------------
 # Pallas GPU (Triton) kernel.
 
 
 def _decode_kernel_triton(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale, window, block_k):
+    # len_ref [1]; q_ref, o_ref [Gp, D] (the query heads of one KV head); k_ref, v_ref [split_len, D]
+    # (this program's slice of the cache); m_ref, l_ref [Gp].
     rows, d = q_ref.shape
     split_len = k_ref.shape[0]
     start = pl.program_id(2) * split_len
@@ -76,9 +45,9 @@ def _decode_kernel_triton(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, 
 
     def body(j, carry):
         pos = start + j * block_k + k_iota
-        s = _qk(q, k_ref[pl.ds(j * block_k, block_k), :], scale)
+        s = qk(q, k_ref[pl.ds(j * block_k, block_k), :], scale)
         s = jnp.where((pos < length) & (pos >= lo_key), s, NEG_INF)
-        return _online_softmax_step(s, *carry, v_ref[pl.ds(j * block_k, block_k), :])
+        return online_softmax_step(s, *carry, v_ref[pl.ds(j * block_k, block_k), :])
 
     n_blocks = split_len // block_k
     hi = jnp.clip(pl.cdiv(length - start, block_k), 0, n_blocks)
@@ -86,17 +55,18 @@ def _decode_kernel_triton(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, 
     init = (jnp.full((rows, 1), NEG_INF, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
             jnp.zeros((rows, d), jnp.float32))
     m, l, acc = lax.fori_loop(lo, hi, body, init)
-    out, _ = _finish(m, l, acc)
+    out, _ = finish(m, l, acc)
     o_ref[...] = out.astype(o_ref.dtype)
     m_ref[...] = m[:, 0]
     l_ref[...] = l[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "window", "interpret", "blocks"))
-def decode_attention_pallas(q, k, v, lengths, *, scale: float, window: Optional[int], interpret: bool,
-                            blocks: DecodeBlockSizes = DecodeBlockSizes()):
-    """Split-K Pallas GPU decode -> (out [B, H, D], (max [B, H], sum [B, H]))."""
+@functools.partial(jax.jit, static_argnames=("scale", "window", "kernel"))
+def decode_attention_pallas(q, k, v, lengths, *, scale: float, window: Optional[int], kernel: KernelOptions):
+    """Split-K Pallas GPU decode -> (out [B, H, D], (max [B, H], sum [B, H])), `kernel.block_sizes.decode` tiles."""
     from jax.experimental.pallas import triton as plgpu
+
+    blocks, interpret = kernel.block_sizes.decode, kernel.interpret
 
     b, h, d = q.shape
     kvh, t = k.shape[1], k.shape[2]
@@ -133,7 +103,7 @@ def decode_attention_pallas(q, k, v, lengths, *, scale: float, window: Optional[
         interpret=interpret,
         name="ruvllm_decode_triton",
     )(lengths.astype(jnp.int32), qr, kr, vr)
-    out, (m, l) = merge_attention(list(out), list(zip(m, l)))
+    out, (m, l) = merge_attention(list(out), list(zip(m, l, strict=True)))
     return (out[:, :, :g, :d].reshape(b, h, d).astype(q.dtype),
             (m[:, :, :g].reshape(b, h), l[:, :, :g].reshape(b, h)))
 
@@ -152,7 +122,7 @@ def _decode_mask(lengths, t: int, window: Optional[int]):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "return_residuals"))
-def decode_attention_xla(q, k, v, lengths, scale: float, sliding_window: Optional[int], return_residuals: bool):
+def decode_attention_jnp(q, k, v, lengths, scale: float, sliding_window: Optional[int], return_residuals: bool):
     """Dense jnp decode with grouped heads; softmax in float32 (float64 for float64 inputs)."""
     b, h, d = q.shape
     kvh, t = k.shape[1], k.shape[2]

@@ -14,7 +14,7 @@ padded up to the block sizes and masked by the true lengths inside the kernels.
   can reach (causal and window bounds).
 * `_flash_kernel_mosaic`: grid (B, KVH, S blocks, T blocks) with VMEM scratch accumulators; blocks
   that no query can see are skipped (`pl.when`) and not even fetched (the index map clamps).
-* `flash_attention_xla`: dense jnp, what CPU runs and the backward pass differentiates.
+* `flash_attention_jnp`: dense jnp, what CPU runs and the backward pass differentiates.
 * `flash_attention_reference`: naive per-head softmax in the input dtype (float64 under x64): the
   spec the tests compare everything against.
 
@@ -32,31 +32,30 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ruvllm_jax.kernels.config import compute_dtype, next_pow2, pad_axis, round_up
-
-NEG_INF = float("-inf")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class FlashBlockSizes:
-    """Tile sizes: query positions per tile (times the padded group gives the rows) and keys per tile."""
-
-    block_q: int = 64
-    block_k: int = 64
+from ruvllm_jax.kernels._online_softmax import NEG_INF, finish, online_softmax_step, qk
+from ruvllm_jax.kernels.config import FlashBlockSizes, KernelOptions, compute_dtype, next_pow2, pad_axis, round_up
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _FlashStatic:
+class _FlashCall:
+    """What one Pallas flash call needs statically: the masks, the scale and how to run."""
+
     causal: bool
     scale: float
     window: Optional[int]
-    backend: str  # "triton" | "mosaic"
-    interpret: bool
-    blocks: FlashBlockSizes = FlashBlockSizes()
+    kernel: KernelOptions
 
+    @property
+    def backend(self) -> str:
+        return self.kernel.pallas_target()
 
-# --------------------------------------------------------------------------------------------------
-# Shared pieces of the online softmax (both Pallas backends use them inside their kernels).
+    @property
+    def interpret(self) -> bool:
+        return self.kernel.interpret
+
+    @property
+    def blocks(self) -> FlashBlockSizes:
+        return self.kernel.block_sizes.flash
 
 
 def _visible(q_pos, k_pos, seq_k: int, causal: bool, window: Optional[int]):
@@ -68,34 +67,13 @@ def _visible(q_pos, k_pos, seq_k: int, causal: bool, window: Optional[int]):
     return mask
 
 
-def _online_softmax_step(s, m_prev, l_prev, acc_prev, v):
-    """One KV tile of the online softmax; s is [rows, bk] with -inf where masked, m/l are [rows, 1]."""
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)  # rows with nothing visible yet stay at 0
-    alpha = jnp.exp(m_prev - m_safe)
-    p = jnp.exp(s - m_safe)
-    l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return m_new, l_new, alpha * acc_prev + pv
-
-
-def _finish(m, l, acc):
-    out = acc / jnp.where(l == 0.0, 1.0, l)
-    lse = jnp.where(l == 0.0, NEG_INF, jnp.where(m == NEG_INF, 0.0, m) + jnp.log(jnp.where(l == 0.0, 1.0, l)))
-    return out, lse
-
-
-def _qk(q, k, scale):
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return s * scale
-
-
 # --------------------------------------------------------------------------------------------------
 # Pallas GPU (Triton) kernel.
 
 
 def _flash_kernel_triton(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, causal, window, block_q, block_k,
                          g_shift, seq_q, seq_k):
+    # q_ref, o_ref [rows = block_q * Gp, D]; k_ref, v_ref [T_pad, D] (one KV head); lse_ref [rows].
     rows = q_ref.shape[0]
     iq = pl.program_id(2)
     offset = seq_k - seq_q
@@ -108,20 +86,20 @@ def _flash_kernel_triton(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, causal, 
         m, l, acc = carry
         k = k_ref[pl.ds(j * block_k, block_k), :]
         v = v_ref[pl.ds(j * block_k, block_k), :]
-        s = _qk(q, k, scale)
+        s = qk(q, k, scale)
         s = jnp.where(_visible(q_pos, j * block_k + k_iota, seq_k, causal, window), s, NEG_INF)
-        return _online_softmax_step(s, m, l, acc, v)
+        return online_softmax_step(s, m, l, acc, v)
 
     hi = pl.cdiv(jnp.minimum(first_pos + block_q, seq_k), block_k) if causal else pl.cdiv(seq_k, block_k)
     lo = jnp.maximum(first_pos - window + 1, 0) // block_k if window is not None else 0
     init = (jnp.full((rows, 1), NEG_INF, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
             jnp.zeros((rows, q_ref.shape[1]), jnp.float32))
-    out, lse = _finish(*lax.fori_loop(lo, hi, body, init))
+    out, lse = finish(*lax.fori_loop(lo, hi, body, init))
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse[:, 0]
 
 
-def _flash_call_triton(qr, kr, vr, st: _FlashStatic, seq_q, seq_k, block_q, block_k, gp):
+def _flash_call_triton(qr, kr, vr, st: _FlashCall, seq_q, seq_k, block_q, block_k, gp):
     from jax.experimental.pallas import triton as plgpu
 
     b, kvh, rows_total, d = qr.shape
@@ -156,6 +134,8 @@ def _flash_call_triton(qr, kr, vr, st: _FlashStatic, seq_q, seq_k, block_q, bloc
 
 def _flash_kernel_mosaic(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *, scale, causal, window,
                          block_q, block_k, g_shift, seq_q, seq_k):
+    # q_ref, o_ref [rows = block_q * Gp, D]; k_ref, v_ref [block_k, D]; lse_ref, m_scr, l_scr [rows, 1];
+    # acc_scr [rows, D] (VMEM scratch carried across the T-block grid axis).
     rows = q_ref.shape[0]
     iq, jk = pl.program_id(2), pl.program_id(3)
     first_pos = iq * block_q + (seq_k - seq_q)
@@ -177,19 +157,19 @@ def _flash_kernel_mosaic(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_
     def _compute():
         q_pos = first_pos + lax.shift_right_logical(lax.broadcasted_iota(jnp.int32, (rows, block_k), 0), g_shift)
         k_pos = k_start + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
-        s = _qk(q_ref[...], k_ref[...], scale)
+        s = qk(q_ref[...], k_ref[...], scale)
         s = jnp.where(_visible(q_pos, k_pos, seq_k, causal, window), s, NEG_INF)
-        m, l, acc = _online_softmax_step(s, m_scr[...], l_scr[...], acc_scr[...], v_ref[...])
+        m, l, acc = online_softmax_step(s, m_scr[...], l_scr[...], acc_scr[...], v_ref[...])
         m_scr[...], l_scr[...], acc_scr[...] = m, l, acc
 
     @pl.when(jk == pl.num_programs(3) - 1)
     def _store():
-        out, lse = _finish(m_scr[...], l_scr[...], acc_scr[...])
+        out, lse = finish(m_scr[...], l_scr[...], acc_scr[...])
         o_ref[...] = out.astype(o_ref.dtype)
         lse_ref[...] = lse
 
 
-def _flash_call_mosaic(qr, kr, vr, st: _FlashStatic, seq_q, seq_k, block_q, block_k, gp):
+def _flash_call_mosaic(qr, kr, vr, st: _FlashCall, seq_q, seq_k, block_q, block_k, gp):
     from jax.experimental.pallas import tpu as pltpu
 
     b, kvh, rows_total, d = qr.shape
@@ -235,7 +215,7 @@ def _flash_call_mosaic(qr, kr, vr, st: _FlashStatic, seq_q, seq_k, block_q, bloc
 # Pallas dispatch: layout, padding, custom_vjp.
 
 
-def _tiles(st: _FlashStatic, s: int, t: int, g: int):
+def _tiles(st: _FlashCall, s: int, t: int, g: int):
     gp = next_pow2(g)
     if st.backend == "triton":  # Triton tiles are powers of two, dots at least 16 x 16
         block_q = max(1, min(st.blocks.block_q, next_pow2(s)))
@@ -248,7 +228,7 @@ def _tiles(st: _FlashStatic, s: int, t: int, g: int):
     return gp, block_q, block_k
 
 
-def _flash_pallas_forward(q, k, v, st: _FlashStatic):
+def _flash_pallas_forward(q, k, v, st: _FlashCall):
     b, s, h, d = q.shape
     t, kvh = k.shape[1], k.shape[2]
     g = h // kvh
@@ -267,7 +247,7 @@ def _flash_pallas_forward(q, k, v, st: _FlashStatic):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _flash_pallas(q, k, v, st: _FlashStatic):
+def _flash_pallas(q, k, v, st: _FlashCall):
     return _flash_pallas_forward(q, k, v, st)
 
 
@@ -277,17 +257,21 @@ def _flash_pallas_fwd(q, k, v, st):
 
 def _flash_pallas_bwd(st, residuals, cotangents):
     q, k, v = residuals
-    _, vjp = jax.vjp(lambda q, k, v: flash_attention_xla(q, k, v, st.causal, st.scale, st.window, True), q, k, v)
+    _, vjp = jax.vjp(lambda q, k, v: flash_attention_jnp(q, k, v, st.causal, st.scale, st.window, True), q, k, v)
     return vjp(cotangents)
 
 
 _flash_pallas.defvjp(_flash_pallas_fwd, _flash_pallas_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("st",))
-def flash_attention_pallas(q, k, v, st: _FlashStatic):
-    """Pallas flash attention -> (out [B, S, H, D], lse [B, H, S]); differentiable via the jnp path."""
-    return _flash_pallas(q, k, v, st)
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "window", "kernel"))
+def flash_attention_pallas(q, k, v, *, causal: bool, scale: float, window: Optional[int], kernel: KernelOptions):
+    """Pallas flash attention -> (out [B, S, H, D], lse [B, H, S]); differentiable via the jnp path.
+
+    Lowers for `kernel.pallas_target()` with `kernel.block_sizes.flash` tiles (no device check:
+    the public `flash_attention` makes that).
+    """
+    return _flash_pallas(q, k, v, _FlashCall(causal=bool(causal), scale=scale, window=window, kernel=kernel))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,7 +279,7 @@ def flash_attention_pallas(q, k, v, st: _FlashStatic):
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "sliding_window", "return_lse"))
-def flash_attention_xla(q, k, v, causal: bool, scale: float, sliding_window: Optional[int], return_lse: bool):
+def flash_attention_jnp(q, k, v, causal: bool, scale: float, sliding_window: Optional[int], return_lse: bool):
     """Dense jnp attention with grouped heads; softmax in float32 (float64 for float64 inputs)."""
     b, s, h, d = q.shape
     t, kvh = k.shape[1], k.shape[2]

@@ -13,13 +13,12 @@ b); lengths [B]. Optional int8 KV: the pools hold int8 codes and k_scales/v_scal
 * `_paged_kernel_mosaic`: grid (B, KVH, max_blocks) with the tables and lengths scalar-prefetched
   into SMEM; the K/V index maps read the table, so each step DMAs exactly one page (pages past the
   length map to the last valid one, which Pallas does not fetch again).
-* `paged_attention_xla` gathers the pages into a contiguous cache and runs the jnp decode;
+* `paged_attention_jnp` gathers the pages into a contiguous cache and runs the jnp decode;
   `paged_attention_reference` does the same with the reference decode: the spec.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Optional
 
@@ -30,17 +29,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ruvllm_jax.errors import PagedAttentionError
-from ruvllm_jax.kernels.config import next_pow2, pad_axis
-from ruvllm_jax.kernels.decode import decode_attention_reference, decode_attention_xla, merge_attention
-from ruvllm_jax.kernels.flash import NEG_INF, _finish, _online_softmax_step, _qk
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PagedBlockSizes:
-    """Pages gathered per inner step (Triton), and the most K splits along the table."""
-
-    pages_per_compute_block: int = 4
-    max_splits: int = 8
+from ruvllm_jax.kernels._online_softmax import NEG_INF, finish, merge_attention, online_softmax_step, qk
+from ruvllm_jax.kernels.config import KernelOptions, PagedBlockSizes, next_pow2, pad_axis
+from ruvllm_jax.kernels.decode import decode_attention_jnp, decode_attention_reference
 
 
 def check_block_tables(block_tables, lengths, num_blocks: int, block_size: int) -> None:
@@ -53,7 +44,8 @@ def check_block_tables(block_tables, lengths, num_blocks: int, block_size: int) 
     for b, n in enumerate(lens.tolist()):
         if not 0 <= n <= capacity:
             raise PagedAttentionError(
-                f"lengths[{b}] = {n} is outside [0, {capacity}] (max_blocks {tables.shape[1]} x block_size {block_size})")
+                f"lengths[{b}] = {n} is outside [0, {capacity}] "
+                f"(max_blocks {tables.shape[1]} x block_size {block_size})")
         used = tables[b, : -(-n // block_size)]
         bad = np.nonzero((used < 0) | (used >= num_blocks))[0]
         if bad.size:
@@ -72,12 +64,14 @@ def check_paged_shapes(q, k_pages, v_pages, block_tables, lengths, k_scales, v_s
         raise PagedAttentionError(f"q {q.shape} does not fit pools {k_pages.shape}: need same D and H % KVH == 0")
     if block_tables.ndim != 2 or block_tables.shape[0] != b or lengths.shape != (b,):
         raise PagedAttentionError(
-            f"expected block_tables [B={b}, max_blocks] and lengths [{b}], got {block_tables.shape} and {lengths.shape}")
+            f"expected block_tables [B={b}, max_blocks] and lengths [{b}], "
+            f"got {block_tables.shape} and {lengths.shape}")
     if (k_scales is None) != (v_scales is None):
         raise PagedAttentionError("int8 KV needs both k_scales and v_scales")
     if k_scales is not None and (k_scales.shape != k_pages.shape[:3] or v_scales.shape != k_pages.shape[:3]):
         raise PagedAttentionError(
-            f"scales must be [KVH, num_blocks, block_size] = {k_pages.shape[:3]}, got {k_scales.shape}, {v_scales.shape}")
+            f"scales must be [KVH, num_blocks, block_size] = {k_pages.shape[:3]}, "
+            f"got {k_scales.shape}, {v_scales.shape}")
 
 
 def dequantize_pages(pages, scales, dtype):
@@ -96,6 +90,9 @@ def gather_pages(pages, block_tables):
 
 
 def _paged_kernel_triton(len_ref, tab_ref, q_ref, k_ref, v_ref, *refs, scale, window, ppcb, quantized):
+    # len_ref [1]; tab_ref [pages_per_split] (this split's block ids); q_ref, o_ref [Gp, D];
+    # k_ref, v_ref [num_blocks, block_size, D] (one KV head's whole pool); ks_ref, vs_ref
+    # [num_blocks, block_size] (int8 only); m_ref, l_ref [Gp].
     if quantized:
         ks_ref, vs_ref, o_ref, m_ref, l_ref = refs
     else:
@@ -115,13 +112,13 @@ def _paged_kernel_triton(len_ref, tab_ref, q_ref, k_ref, v_ref, *refs, scale, wi
         k = k_ref[pages].reshape(bk, d)
         v = v_ref[pages].reshape(bk, d)
         if quantized:
-            s = _qk(q, k.astype(q.dtype), 1.0) * (ks_ref[pages].reshape(1, bk) * scale)
+            s = qk(q, k.astype(q.dtype), 1.0) * (ks_ref[pages].reshape(1, bk) * scale)
             v = (v.astype(jnp.float32) * vs_ref[pages].reshape(bk, 1)).astype(q.dtype)
         else:
-            s = _qk(q, k, scale)
+            s = qk(q, k, scale)
         pos = start + j * bk + k_iota
         s = jnp.where((pos < length) & (pos >= lo_key), s, NEG_INF)
-        return _online_softmax_step(s, *carry, v)
+        return online_softmax_step(s, *carry, v)
 
     n_steps = pages_per_split // ppcb
     hi = jnp.clip(pl.cdiv(length - start, bk), 0, n_steps)
@@ -129,7 +126,7 @@ def _paged_kernel_triton(len_ref, tab_ref, q_ref, k_ref, v_ref, *refs, scale, wi
     init = (jnp.full((rows, 1), NEG_INF, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
             jnp.zeros((rows, d), jnp.float32))
     m, l, acc = lax.fori_loop(lo, hi, body, init)
-    out, _ = _finish(m, l, acc)
+    out, _ = finish(m, l, acc)
     o_ref[...] = out.astype(o_ref.dtype)
     m_ref[...] = m[:, 0]
     l_ref[...] = l[:, 0]
@@ -174,7 +171,7 @@ def _paged_call_triton(qr, k_pages, v_pages, tables, lengths, k_scales, v_scales
         interpret=interpret,
         name="ruvllm_paged_triton",
     )(lengths, tables, qr, k_pages, v_pages, *([k_scales, v_scales] if quantized else []))
-    return merge_attention(list(out), list(zip(m, l)))
+    return merge_attention(list(out), list(zip(m, l, strict=True)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,6 +179,9 @@ def _paged_call_triton(qr, k_pages, v_pages, tables, lengths, k_scales, v_scales
 
 
 def _paged_kernel_mosaic(tab_ref, len_ref, q_ref, k_ref, v_ref, *refs, scale, window, max_blocks, quantized):
+    # tab_ref [B * max_blocks], len_ref [B] (scalar-prefetched, SMEM); q_ref, o_ref [Gp, D];
+    # k_ref, v_ref [block_size, D] (the one page this step reads); ks_ref [1, block_size],
+    # vs_ref [block_size, 1] (int8 only); m_ref, l_ref, m_scr, l_scr [Gp, 1]; acc_scr [Gp, D].
     if quantized:
         ks_ref, vs_ref, o_ref, m_ref, l_ref, m_scr, l_scr, acc_scr = refs
     else:
@@ -203,18 +203,18 @@ def _paged_kernel_mosaic(tab_ref, len_ref, q_ref, k_ref, v_ref, *refs, scale, wi
         q = q_ref[...]
         k, v = k_ref[...], v_ref[...]
         if quantized:
-            s = _qk(q, k.astype(q.dtype), 1.0) * (ks_ref[...] * scale)  # [1, bs] per key
+            s = qk(q, k.astype(q.dtype), 1.0) * (ks_ref[...] * scale)  # [1, bs] per key
             v = (v.astype(jnp.float32) * vs_ref[...]).astype(q.dtype)  # [bs, 1] per value row
         else:
-            s = _qk(q, k, scale)
+            s = qk(q, k, scale)
         pos = i * bs + lax.broadcasted_iota(jnp.int32, (rows, bs), 1)
         s = jnp.where((pos < length) & (pos >= lo_key), s, NEG_INF)
-        m, l, acc = _online_softmax_step(s, m_scr[...], l_scr[...], acc_scr[...], v)
+        m, l, acc = online_softmax_step(s, m_scr[...], l_scr[...], acc_scr[...], v)
         m_scr[...], l_scr[...], acc_scr[...] = m, l, acc
 
     @pl.when(i == max_blocks - 1)
     def _store():
-        out, _ = _finish(m_scr[...], l_scr[...], acc_scr[...])
+        out, _ = finish(m_scr[...], l_scr[...], acc_scr[...])
         o_ref[...] = out.astype(o_ref.dtype)
         m_ref[...] = m_scr[...]
         l_ref[...] = l_scr[...]
@@ -263,11 +263,11 @@ def _paged_call_mosaic(qr, k_pages, v_pages, tables, lengths, k_scales, v_scales
     return out, (m[..., 0], l[..., 0])
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "window", "backend", "interpret", "blocks"))
+@functools.partial(jax.jit, static_argnames=("scale", "window", "kernel"))
 def paged_attention_pallas(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v_scales=None, *,
-                           scale: float, window: Optional[int], backend: str, interpret: bool,
-                           blocks: PagedBlockSizes = PagedBlockSizes()):
-    """Pallas paged attention -> (out [B, H, D], (max [B, H], sum [B, H]))."""
+                           scale: float, window: Optional[int], kernel: KernelOptions):
+    """Pallas paged attention -> (out [B, H, D], (max [B, H], sum [B, H])) for `kernel.pallas_target()`."""
+    backend, interpret = kernel.pallas_target(), kernel.interpret
     b, h, d = q.shape
     kvh, nb = k_pages.shape[:2]
     g = h // kvh
@@ -277,7 +277,7 @@ def paged_attention_pallas(q, k_pages, v_pages, block_tables, lengths, k_scales=
     lengths = lengths.astype(jnp.int32)
     if backend == "triton":
         out, (m, l) = _paged_call_triton(qr, k_pages, v_pages, tables, lengths, k_scales, v_scales, scale=scale,
-                                         window=window, interpret=interpret, blocks=blocks)
+                                         window=window, interpret=interpret, blocks=kernel.block_sizes.paged)
     else:
         out, (m, l) = _paged_call_mosaic(qr, k_pages, v_pages, tables, lengths, k_scales, v_scales, scale=scale,
                                          window=window, interpret=interpret)
@@ -290,7 +290,7 @@ def paged_attention_pallas(q, k_pages, v_pages, block_tables, lengths, k_scales=
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "return_residuals"))
-def paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, scale: float,
+def paged_attention_jnp(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, scale: float,
                         sliding_window: Optional[int], return_residuals: bool):
     """Gather the pages into a contiguous cache, dequantize, and run the jnp decode."""
     nb = k_pages.shape[1]
@@ -298,7 +298,7 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, lengths, k_scales, v_
     ct = jnp.promote_types(q.dtype, jnp.float32) if k_scales is not None else k_pages.dtype
     k = gather_pages(dequantize_pages(k_pages, k_scales, ct), tables)
     v = gather_pages(dequantize_pages(v_pages, v_scales, ct), tables)
-    return decode_attention_xla(q, k, v, lengths, scale, sliding_window, return_residuals)
+    return decode_attention_jnp(q, k, v, lengths, scale, sliding_window, return_residuals)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window"))

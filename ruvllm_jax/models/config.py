@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from ruvllm_jax.errors import ModelError, NotFoundError
+from ruvllm_jax.kernels.config import AttentionConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -80,10 +81,16 @@ class LlamaConfig:
     def gqa_ratio(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    def attention_config(self) -> AttentionConfig:
+        """The attention every layer computes; its `effective_scale()` is 1/sqrt(head_dim), as in
+        transformers' Llama, Qwen2 and Mistral."""
+        return AttentionConfig(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
+
     def inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies [head_dim // 2] in float32, computed as transformers does."""
         dim = self.head_dim
-        inv = (1.0 / (np.float32(self.rope_theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+        exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+        inv = (1.0 / (np.float32(self.rope_theta) ** exponents)).astype(np.float32)
         scaling = dict(self.rope_scaling)
         rope_type = self.rope_type
         if rope_type == "linear":

@@ -2,10 +2,12 @@
 
 Params layout (weights in PyTorch's [out, in] order, which XLA:CPU multiplies fastest as `x @ w.T`):
 
-    {"embed": [V, D], "final_norm": [D], "lm_head": [V, D] (absent when tied),
-     "layers": ({"attn_norm": [D], "wqkv": [(H + 2 KVH) hd, D], "bqkv"?: [...], "wo": [D, H hd],
-                 "bo"?: [D], "mlp_norm": [D], "w_gate_up": [2 I, D], "b_gate_up"?, "w_down": [D, I],
+    {"embed": [V, E], "final_norm": [E], "lm_head": [V, E] (absent when tied),
+     "layers": ({"attn_norm": [E], "wqkv": [(H + 2 KVH) D, E], "bqkv"?: [...], "wo": [E, H D],
+                 "bo"?: [E], "mlp_norm": [E], "w_gate_up": [2 I, E], "b_gate_up"?, "w_down": [E, I],
                  "b_down"?}, ...)}
+
+(axes as in the package docstring: E hidden size, D head_dim, I MLP width, V vocabulary)
 
 Q/K/V and gate/up are fused so decode runs two large GEMVs instead of five small ones. Layers are a
 tuple walked by a Python loop: on XLA:CPU that decodes faster than `lax.scan` over stacked layers,
@@ -14,19 +16,25 @@ which copies each layer's weights. Everything computes in float32.
 Optional `adapters` add LoRA deltas `scaling * (x @ A) @ B` per layer and module ("q", "k", "v",
 "o", "gate", "up", "down"); they are jit arguments, so new adapter values never recompile.
 
-`impl` / `interpret` choose the attention kernels (see `ruvllm_jax.kernels`): "auto" is Pallas on
-GPU/TPU and jnp on CPU; `interpret=True` runs the Pallas kernels on CPU, for tests.
+Every layer runs one body (`_block`): norm, fused projections and adapters, RoPE, attention, MLP.
+Attention goes through `ruvllm_jax.models.attention` over whatever the cache hands it (see
+`ruvllm_jax.cache.base`). `kernel=` (a `KernelOptions`) chooses how the kernels run, with
+`impl=` / `interpret=` as shorthands: "auto" is Pallas on GPU/TPU and jnp on CPU;
+`interpret=True` runs the Pallas kernels on CPU, for tests.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+from typing import Any, Callable, Optional
 
 import chex
 import jax
 import jax.numpy as jnp
 
-from ruvllm_jax.kernels import flash_attention
+from ruvllm_jax.errors import ConfigError
+from ruvllm_jax.kernels import KernelOptions
+from ruvllm_jax.models import attention
 from ruvllm_jax.models.config import LlamaConfig
 
 Params = dict[str, Any]
@@ -46,7 +54,7 @@ def rope_tables(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE as in transformers. x [..., N, D]; cos/sin [..., D/2] broadcast over N."""
+    """Rotate-half RoPE as in transformers. x [..., heads, D]; cos/sin [..., D/2] broadcast over heads."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     cos, sin = cos[..., None, :], sin[..., None, :]
@@ -123,11 +131,45 @@ def _logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     return _linear(h, head)
 
 
-class _NoCache:
-    """Stands in for a cache when the caller wants logits only (training, scoring)."""
+def _block(lp: Params, cfg: LlamaConfig, x: jax.Array, cos: jax.Array, sin: jax.Array, la: Optional[dict],
+           attend: Callable):
+    """One decoder layer, the same for prefill, decode, training and scoring.
 
-    def prefill_attend(self, layer, q, k, v, *, sliding_window, impl, interpret=False):
-        return self, flash_attention(q, k, v, causal=True, sliding_window=sliding_window, impl=impl, interpret=interpret)
+    x [..., E] with leading axes (B, S) or (B,); cos/sin broadcast against them. `attend(q, k,
+    v)` gets the rotated q [..., H, D], k, v [..., KVH, D] and returns (out [..., H, D], cache).
+    """
+    lead = x.shape[:-1]
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = _qkv(lp, cfg, h, la)
+    q = apply_rope(q.reshape(*lead, cfg.num_heads, cfg.head_dim), cos, sin)
+    k = apply_rope(k.reshape(*lead, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+    v = v.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    out, cache = attend(q, k, v)
+    chex.assert_shape(out, q.shape)
+    x = x + _attn_out(lp, out.reshape(*lead, cfg.q_size), la)
+    return _mlp(lp, cfg, x, la), cache
+
+
+def _prompt_attend(q, k, v, *, cache, layer: int, cfg: LlamaConfig, kernel: KernelOptions):
+    out = attention.attend_prompt(q, k, v, scale=cfg.attention_config().effective_scale(),
+                                  sliding_window=cfg.sliding_windows[layer], kernel=kernel)
+    return out, (None if cache is None else cache.write_prompt(layer, k, v))
+
+
+def _token_attend(q, k, v, *, cache, layer: int, positions, cfg: LlamaConfig, kernel: KernelOptions):
+    cache, parts = cache.append(layer, k, v, positions)
+    out = attention.attend_parts(q, parts, scale=cfg.attention_config().effective_scale(),
+                                 sliding_window=cfg.sliding_windows[layer], kernel=kernel)
+    return out, cache
+
+
+def _kernel(kernel: Optional[KernelOptions], impl: Optional[str], interpret: Optional[bool]) -> KernelOptions:
+    """`kernel`, or one built from the `impl` / `interpret` shorthands (not both)."""
+    if kernel is None:
+        return KernelOptions(impl="auto" if impl is None else impl, interpret=bool(interpret))
+    if impl is not None or interpret is not None:
+        raise ConfigError("pass either kernel= or impl=/interpret=, not both")
+    return kernel
 
 
 def prefill(
@@ -137,36 +179,28 @@ def prefill(
     cache=None,
     *,
     adapters: Adapters = None,
-    impl: str = "auto",
-    interpret: bool = False,
+    kernel: Optional[KernelOptions] = None,
+    impl: Optional[str] = None,
+    interpret: Optional[bool] = None,
     logit_positions: Optional[jax.Array] = None,
 ):
     """Run a prompt. tokens [B, S] at positions 0..S-1 -> (logits, cache).
 
     Logits are [B, S, V], or [B, V] at `logit_positions` [B] when given (generation needs only the
-    last real token, and the vocabulary projection is the largest matmul of the model).
+    last real token, and the vocabulary projection is the largest matmul of the model). With no
+    cache, keys and values are attended and dropped (training, scoring).
     """
+    kernel = _kernel(kernel, impl, interpret)
     b, s = tokens.shape
     x = params["embed"][tokens].astype(jnp.float32)
     chex.assert_shape(x, (b, s, cfg.hidden_size))
     cos, sin = rope_tables(cfg, jnp.arange(s)[None, :])
-    kv_cache = _NoCache() if cache is None else cache
     for i, lp in enumerate(params["layers"]):
-        la = _layer_adapters(adapters, i)
-        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = _qkv(lp, cfg, h, la)
-        q = apply_rope(q.reshape(b, s, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        v = v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
-        kv_cache, attn = kv_cache.prefill_attend(
-            i, q, k, v, sliding_window=cfg.sliding_windows[i], impl=impl, interpret=interpret)
-        chex.assert_shape(attn, (b, s, cfg.num_heads, cfg.head_dim))
-        x = x + _attn_out(lp, attn.reshape(b, s, cfg.q_size), la)
-        x = _mlp(lp, cfg, x, la)
+        attend = functools.partial(_prompt_attend, cache=cache, layer=i, cfg=cfg, kernel=kernel)
+        x, cache = _block(lp, cfg, x, cos, sin, _layer_adapters(adapters, i), attend)
     if logit_positions is not None:
         x = jnp.take_along_axis(x, logit_positions[:, None, None], axis=1)[:, 0]
-    logits = _logits(params, cfg, x)
-    return logits, (None if cache is None else kv_cache)
+    return _logits(params, cfg, x), cache
 
 
 def decode(
@@ -177,37 +211,30 @@ def decode(
     cache,
     *,
     adapters: Adapters = None,
-    impl: str = "auto",
-    interpret: bool = False,
+    kernel: Optional[KernelOptions] = None,
+    impl: Optional[str] = None,
+    interpret: Optional[bool] = None,
 ):
     """One token per sequence: tokens [B] at positions [B] -> (logits [B, V], cache)."""
+    kernel = _kernel(kernel, impl, interpret)
     (b,) = tokens.shape
     chex.assert_shape(positions, (b,))
     x = params["embed"][tokens].astype(jnp.float32)
     cos, sin = rope_tables(cfg, positions)
     for i, lp in enumerate(params["layers"]):
-        la = _layer_adapters(adapters, i)
-        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = _qkv(lp, cfg, h, la)
-        q = apply_rope(q.reshape(b, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.reshape(b, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        v = v.reshape(b, cfg.num_kv_heads, cfg.head_dim)
-        cache, attn = cache.decode_attend(
-            i, q, k, v, positions, sliding_window=cfg.sliding_windows[i], impl=impl, interpret=interpret)
-        chex.assert_shape(attn, (b, cfg.num_heads, cfg.head_dim))
-        x = x + _attn_out(lp, attn.reshape(b, cfg.q_size), la)
-        x = _mlp(lp, cfg, x, la)
+        attend = functools.partial(_token_attend, cache=cache, layer=i, positions=positions, cfg=cfg, kernel=kernel)
+        x, cache = _block(lp, cfg, x, cos, sin, _layer_adapters(adapters, i), attend)
     logits = _logits(params, cfg, x)
     chex.assert_shape(logits, (b, cfg.vocab_size))
     return logits, cache
 
 
 def forward(
-    params: Params, cfg: LlamaConfig, tokens: jax.Array, *, adapters: Adapters = None, impl: str = "auto",
-    interpret: bool = False,
+    params: Params, cfg: LlamaConfig, tokens: jax.Array, *, adapters: Adapters = None,
+    kernel: Optional[KernelOptions] = None, impl: Optional[str] = None, interpret: Optional[bool] = None,
 ):
     """Causal logits [B, S, V] for whole sequences, no cache: the training and scoring forward."""
-    return prefill(params, cfg, tokens, None, adapters=adapters, impl=impl, interpret=interpret)[0]
+    return prefill(params, cfg, tokens, None, adapters=adapters, kernel=_kernel(kernel, impl, interpret))[0]
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:

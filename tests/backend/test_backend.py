@@ -232,19 +232,24 @@ def test_bf16_storage_keeps_params_in_bf16(llama_dir):
 def test_max_context_is_capped_by_the_models_position_limit(llama_dir):
     _, folder = llama_dir
     b = JaxBackend.new()
+    with pytest.raises(InvalidOperationError, match="no model is loaded"):
+        b.max_context()
     b.load_model(folder, ModelConfig(max_context=100_000))
+    assert b.max_context() == 256 == b.model_info().max_context
     with pytest.raises(GenerationError, match="exceeds max_context=256"):
         b.generate_tokens([0, 5, 6], GREEDY.replace(max_tokens=254))
+    b.load_model(folder, ModelConfig(max_context=64))
+    assert b.max_context() == 64
 
 
 def test_use_flash_attention_false_selects_the_jnp_attention_path(llama_dir, monkeypatch):
-    """ModelConfig.use_flash_attention picks the kernels' dispatch; False forces impl="xla"."""
+    """ModelConfig.use_flash_attention picks the kernels' dispatch; False forces impl="jnp"."""
     _, folder = llama_dir
     seen = []
     real = engine.prefill_and_sample
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["impl"])
+        seen.append(kwargs["kernel"].impl)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine, "prefill_and_sample", spy)
@@ -252,4 +257,4 @@ def test_use_flash_attention_false_selects_the_jnp_attention_path(llama_dir, mon
         b = JaxBackend.new()
         b.load_model(folder, ModelConfig(use_flash_attention=flag))
         b.generate_tokens([0, 5, 6], GREEDY.replace(max_tokens=2))
-    assert seen == ["auto", "xla"]
+    assert seen == ["auto", "jnp"]

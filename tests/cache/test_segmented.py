@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_hf_model, rng_tokens, save_hf_model
 from ruvllm_jax.backend import engine
 from ruvllm_jax.backend.sampling import SamplingParams
 from ruvllm_jax.cache import ContiguousKVCache
 from ruvllm_jax.cache.segmented import SegmentedKVCache
 from ruvllm_jax.errors import KvCacheError
-from ruvllm_jax.models import llama, loader
+from ruvllm_jax.kernels import KernelOptions
+from ruvllm_jax.models import attention, llama, loader
+from ruvllm_jax.testing import build_hf_model, rng_tokens, save_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +73,15 @@ def test_close_writes_at_each_sequences_length_and_drops_what_does_not_fit(batch
 
 
 def test_sliding_window_layers_are_refused():
+    """The base's end moves against the query every step: its part cannot take a window."""
     base = ContiguousKVCache.init(num_layers=1, batch=1, num_kv_heads=2, head_dim=16, max_len=8)
     seg = SegmentedKVCache.open(base, jnp.asarray([0]), 4)
     q = jnp.zeros((1, 4, 16))
     k = jnp.zeros((1, 2, 16))
-    with pytest.raises(KvCacheError, match="sliding-window"):
-        seg.decode_attend(0, q, k, k, jnp.asarray([0]), sliding_window=4, impl="xla")
+    _, parts = seg.append(0, k, k, jnp.asarray([0]))
+    assert parts[0].query_offset is None and parts[1].query_offset == -1
+    with pytest.raises(KvCacheError, match="cannot take a sliding window of 4"):
+        attention.attend_parts(q, parts, scale=0.25, sliding_window=4, kernel=KernelOptions(impl="jnp"))
     with pytest.raises(KvCacheError, match="segment of 16 tokens does not fit a cache of 8"):
         SegmentedKVCache.open(base, jnp.asarray([0]), 16)
     assert SegmentedKVCache.supports((None, None)) and not SegmentedKVCache.supports((None, 4))
@@ -92,5 +96,6 @@ def test_compiled_decode_loop_never_copies_the_cache(model):
     hlo = engine.decode_chunk.lower(params, state, sampling, jnp.asarray([-1]), jnp.int32(8), cfg=cfg,
                                     chunk=8).compile().as_text()
     cache_shape = "f32[1,%d,%d,%d]" % (cfg.num_kv_heads, 128, cfg.head_dim)
-    copies = [line for line in hlo.splitlines() if re.search(r"= " + re.escape(cache_shape) + r"\{[^}]*\} copy\(", line)]
+    copy_of_cache = re.compile(r"= " + re.escape(cache_shape) + r"\{[^}]*\} copy\(")
+    copies = [line for line in hlo.splitlines() if copy_of_cache.search(line)]
     assert hlo.count(cache_shape) > 0 and copies == []

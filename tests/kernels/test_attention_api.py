@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from kernel_oracles import assert_close, in_f64, randn
+
 from ruvllm_jax.errors import ConfigError
 from ruvllm_jax.kernels import (
     AttentionConfig,
@@ -70,7 +70,7 @@ def single_query_reference(q, k, v, scale):
     return np.einsum("ht,thd->hd", w, v)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["jnp", "pallas"])
 def test_grouped_query_attention_ruvllm_unbatched_form(impl):
     rng = np.random.default_rng(31)
     cfg = AttentionConfig(num_heads=14, num_kv_heads=2, head_dim=64, causal=True, scale=0.1)
@@ -86,18 +86,18 @@ def test_grouped_query_attention_batched_decode_and_prefill_forms():
     cfg = AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=64, causal=True)
     q, k, v = randn(rng, (2, 4, 64), jnp.float32), randn(rng, (2, 9, 2, 64), jnp.float32), randn(rng, (2, 9, 2, 64),
                                                                                                  jnp.float32)
-    out = grouped_query_attention(q, k, v, cfg, lengths=jnp.array([9, 4]), impl="xla")
+    out = grouped_query_attention(q, k, v, cfg, lengths=jnp.array([9, 4]), impl="jnp")
     np.testing.assert_allclose(np.asarray(out[0]), single_query_reference(q[0], k[0], v[0], 0.125), atol=2e-5)
     np.testing.assert_allclose(np.asarray(out[1]), single_query_reference(q[1], k[1, :4], v[1, :4], 0.125), atol=2e-5)
     qs = randn(rng, (2, 9, 4, 64), jnp.float32)
-    prefill = grouped_query_attention(qs, k, v, cfg, impl="xla")
+    prefill = grouped_query_attention(qs, k, v, cfg, impl="jnp")
     ref, _ = in_f64(flash_attention_reference, qs, k, v, causal=True)
     assert_close(prefill, ref, jnp.float32)
     with pytest.raises(ConfigError, match="num_kv_heads=4"):
         grouped_query_attention(q, k, v, AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=64))
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["jnp", "pallas"])
 def test_multi_query_attention_ruvllm_form_shares_one_kv_head(impl):
     rng = np.random.default_rng(33)
     cfg = AttentionConfig(num_heads=7, num_kv_heads=1, head_dim=128, causal=False)
@@ -105,7 +105,7 @@ def test_multi_query_attention_ruvllm_form_shares_one_kv_head(impl):
     out = multi_query_attention(q, k, v, cfg, impl=impl, interpret=True)
     np.testing.assert_allclose(np.asarray(out), single_query_reference(q, k[:, None], v[:, None], 128 ** -0.5),
                                atol=2e-5, rtol=2e-5)
-    batched = multi_query_attention(q[None], k[None], v[None], cfg, impl="xla")
+    batched = multi_query_attention(q[None], k[None], v[None], cfg, impl="jnp")
     np.testing.assert_allclose(np.asarray(batched[0]), np.asarray(out), atol=2e-5)
     with pytest.raises(ConfigError, match="num_kv_heads == 1, got 7"):
         multi_query_attention(q, k, v, AttentionConfig(num_heads=7, num_kv_heads=7, head_dim=128))

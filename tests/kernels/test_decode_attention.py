@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kernel_oracles import HEAD_LAYOUTS, assert_close, assert_stats_close, in_f64, randn
-from ruvllm_jax.kernels import decode_attention, decode_attention_reference, merge_attention
-from ruvllm_jax.kernels.decode import DecodeBlockSizes, decode_attention_pallas
+
+from ruvllm_jax.kernels import (
+    DecodeBlockSizes,
+    KernelOptions,
+    decode_attention,
+    decode_attention_reference,
+    merge_attention,
+)
+from ruvllm_jax.kernels.decode import decode_attention_pallas
 
 # 16-key tiles and up to 3 splits, so the test caches span several splits and end mid-tile.
 SMALL_BLOCKS = DecodeBlockSizes(block_k=16, max_splits=3)
 
 
 def run_decode(path, q, k, v, lengths, window):
-    if path == "xla":
-        return decode_attention(q, k, v, lengths, sliding_window=window, impl="xla", return_residuals=True)
-    return decode_attention_pallas(q, k, v, lengths, scale=q.shape[-1] ** -0.5, window=window, interpret=True,
-                                   blocks=SMALL_BLOCKS)
+    if path == "jnp":
+        return decode_attention(q, k, v, lengths, sliding_window=window, impl="jnp", return_residuals=True)
+    return decode_attention(q, k, v, lengths, sliding_window=window, impl="pallas", interpret=True,
+                            block_sizes=SMALL_BLOCKS, return_residuals=True)
 
 
 decode_cases = st.fixed_dictionaries(dict(
@@ -50,8 +57,8 @@ def check_decode_case(path, case):
 
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(case=decode_cases)
-def test_decode_xla_path_matches_float64_reference(case):
-    check_decode_case("xla", case)
+def test_decode_jnp_path_matches_float64_reference(case):
+    check_decode_case("jnp", case)
 
 
 @settings(max_examples=7, deadline=None, derandomize=True)
@@ -60,14 +67,14 @@ def test_decode_triton_kernel_interpreted_matches_float64_reference(case):
     check_decode_case("triton", case)
 
 
-@pytest.mark.parametrize("path", ["xla", "triton"])
+@pytest.mark.parametrize("path", ["jnp", "triton"])
 def test_merging_two_tiers_equals_attention_over_the_concatenated_cache(path):
     rng = np.random.default_rng(11)
     b, h, kvh, d, t1, t2 = 2, 14, 2, 64, 37, 21
     q = randn(rng, (b, h, d), jnp.float32)
     k, v = randn(rng, (b, kvh, t1 + t2, d), jnp.float32), randn(rng, (b, kvh, t1 + t2, d), jnp.float32)
     len2 = jnp.array([t2, 5])  # the second tier is partly filled for sequence 1
-    kw = dict(impl="pallas", interpret=True) if path == "triton" else dict(impl="xla")
+    kw = dict(impl="pallas", interpret=True) if path == "triton" else dict(impl="jnp")
     o1, r1 = decode_attention(q, k[:, :, :t1], v[:, :, :t1], jnp.array([t1, t1]), return_residuals=True, **kw)
     o2, r2 = decode_attention(q, k[:, :, t1:], v[:, :, t1:], len2, return_residuals=True, **kw)
     out, (m, l) = merge_attention([o1, o2], [r1, r2])
@@ -87,8 +94,8 @@ def test_merging_an_empty_tier_is_the_identity():
     rng = np.random.default_rng(12)
     q, k, v = randn(rng, (1, 4, 64), jnp.float32), randn(rng, (1, 2, 9, 64), jnp.float32), randn(
         rng, (1, 2, 9, 64), jnp.float32)
-    o1, r1 = decode_attention(q, k, v, jnp.array([9]), impl="xla", return_residuals=True)
-    o0, r0 = decode_attention(q, k, v, jnp.array([0]), impl="xla", return_residuals=True)
+    o1, r1 = decode_attention(q, k, v, jnp.array([9]), impl="jnp", return_residuals=True)
+    o0, r0 = decode_attention(q, k, v, jnp.array([0]), impl="jnp", return_residuals=True)
     assert np.all(np.isneginf(np.asarray(r0[0]))) and np.all(np.asarray(r0[1]) == 0) and np.all(np.asarray(o0) == 0)
     out, (m, l) = merge_attention([o0, o1], [r0, r1])
     np.testing.assert_allclose(np.asarray(out), np.asarray(o1), rtol=1e-6, atol=1e-7)
@@ -101,13 +108,14 @@ def test_decode_auto_on_cpu_is_the_jnp_path_bit_for_bit():
         rng, (2, 2, 16, 64), jnp.float32)
     lengths = jnp.array([16, 3])
     np.testing.assert_array_equal(np.asarray(decode_attention(q, k, v, lengths)),
-                                  np.asarray(decode_attention(q, k, v, lengths, impl="xla")))
+                                  np.asarray(decode_attention(q, k, v, lengths, impl="jnp")))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_decode_kernel_lowers_for_gpu(dtype):
-    import jax
     q, k = jnp.zeros((2, 14, 64), dtype), jnp.zeros((2, 2, 1024, 64), dtype)
     for window in (None, 100):
-        jax.jit(lambda q, k, v, n: decode_attention_pallas(q, k, v, n, scale=0.125, window=window, interpret=False)
-                ).trace(q, k, k, jnp.array([5, 1000])).lower(lowering_platforms=("cuda",))
+        kernel = KernelOptions(impl="pallas", pallas_backend="triton")
+        jax.jit(lambda q, k, v, n, window=window, kernel=kernel: decode_attention_pallas(
+            q, k, v, n, scale=0.125, window=window, kernel=kernel)).trace(q, k, k, jnp.array([5, 1000])).lower(
+            lowering_platforms=("cuda",))

@@ -8,21 +8,20 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kernel_oracles import HEAD_LAYOUTS, assert_close, assert_stats_close, in_f64, randn
-from ruvllm_jax.kernels import flash_attention, flash_attention_reference
-from ruvllm_jax.kernels.flash import FlashBlockSizes, _FlashStatic, flash_attention_pallas
+
+from ruvllm_jax.kernels import BlockSizes, FlashBlockSizes, KernelOptions, flash_attention, flash_attention_reference
+from ruvllm_jax.kernels.flash import flash_attention_pallas
 
 # Small tiles so that the test shapes span several blocks and end mid-block.
 SMALL_BLOCKS = FlashBlockSizes(block_q=8, block_k=16)
 
 
 def run_flash(path, q, k, v, causal, window):
-    if path == "xla":
-        return flash_attention(q, k, v, causal=causal, sliding_window=window, impl="xla", return_lse=True)
-    st_ = _FlashStatic(causal=causal, scale=q.shape[-1] ** -0.5, window=window, backend=path, interpret=True,
-                       blocks=SMALL_BLOCKS)
-    return flash_attention_pallas(q, k, v, st_)
+    if path == "jnp":
+        return flash_attention(q, k, v, causal=causal, sliding_window=window, impl="jnp", return_lse=True)
+    return flash_attention(q, k, v, causal=causal, sliding_window=window, impl="pallas", interpret=True,
+                           pallas_backend=path, block_sizes=SMALL_BLOCKS, return_lse=True)
 
 
 flash_cases = st.fixed_dictionaries(dict(
@@ -54,8 +53,8 @@ def check_flash_case(path, case):
 
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(case=flash_cases)
-def test_flash_xla_path_matches_float64_reference(case):
-    check_flash_case("xla", case)
+def test_flash_jnp_path_matches_float64_reference(case):
+    check_flash_case("jnp", case)
 
 
 @settings(max_examples=7, deadline=None, derandomize=True)
@@ -70,7 +69,7 @@ def test_flash_mosaic_kernel_interpreted_matches_float64_reference(case):
     check_flash_case("mosaic", case)
 
 
-@pytest.mark.parametrize("path", ["xla", "triton"])
+@pytest.mark.parametrize("path", ["jnp", "triton"])
 @pytest.mark.parametrize("causal,window", [(True, None), (False, 5)])
 def test_flash_gradients_equal_reference_gradients(path, causal, window):
     rng = np.random.default_rng(7)
@@ -84,16 +83,17 @@ def test_flash_gradients_equal_reference_gradients(path, causal, window):
             return jnp.sum(out * w_out) + jnp.sum(lse * w_lse)
         return f
 
-    if path == "xla":
-        kernel = lambda q, k, v: flash_attention(q, k, v, causal=causal, sliding_window=window, impl="xla",
-                                                 return_lse=True)
-    else:
-        kernel = lambda q, k, v: flash_attention(q, k, v, causal=causal, sliding_window=window, impl="pallas",
-                                                 interpret=True, return_lse=True)
+    options = KernelOptions(impl="jnp") if path == "jnp" else KernelOptions(impl="pallas", interpret=True)
+
+    def kernel(q, k, v):
+        return flash_attention(q, k, v, causal=causal, sliding_window=window, return_lse=True, kernel=options)
+
+    def ref(q, k, v):
+        return flash_attention_reference(q, k, v, causal=causal, sliding_window=window)
+
     grads = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(q, k, v)
-    ref = lambda q, k, v: flash_attention_reference(q, k, v, causal=causal, sliding_window=window)
     ref_grads = in_f64(jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2))), q, k, v)
-    for name, g, r in zip("qkv", grads, ref_grads):
+    for name, g, r in zip("qkv", grads, ref_grads, strict=True):
         np.testing.assert_allclose(np.asarray(g), r, atol=5e-5, rtol=5e-5, err_msg=f"d{name}")
 
 
@@ -111,10 +111,11 @@ def test_flash_auto_on_cpu_is_the_jnp_path_bit_for_bit():
     rng = np.random.default_rng(4)
     q, k, v = randn(rng, (1, 6, 4, 64), jnp.float32), randn(rng, (1, 6, 2, 64), jnp.float32), randn(
         rng, (1, 6, 2, 64), jnp.float32)
-    np.testing.assert_array_equal(np.asarray(flash_attention(q, k, v)), np.asarray(flash_attention(q, k, v, impl="xla")))
+    np.testing.assert_array_equal(np.asarray(flash_attention(q, k, v)),
+                                  np.asarray(flash_attention(q, k, v, impl="jnp")))
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["jnp", "pallas"])
 def test_flash_accepts_ruvllm_single_query_form(impl):
     rng = np.random.default_rng(5)
     q, k, v = randn(rng, (64,), jnp.float32), randn(rng, (11, 64), jnp.float32), randn(rng, (11, 64), jnp.float32)
@@ -130,6 +131,7 @@ def test_flash_kernels_lower_for_their_accelerator(backend, platform, dtype):
     """No GPU/TPU here: lowering (Triton IR / Mosaic MLIR) still checks block shapes and ops."""
     q, k = jnp.zeros((1, 300, 14, 64), dtype), jnp.zeros((1, 300, 2, 64), dtype)
     for causal, window in ((True, None), (False, 64)):
-        st_ = _FlashStatic(causal=causal, scale=0.125, window=window, backend=backend, interpret=False)
-        jax.jit(lambda q, k, v: flash_attention_pallas(q, k, v, st_)).trace(q, k, k).lower(
+        kernel = KernelOptions(impl="pallas", pallas_backend=backend, block_sizes=BlockSizes())
+        jax.jit(lambda q, k, v, causal=causal, window=window, kernel=kernel: flash_attention_pallas(
+            q, k, v, causal=causal, scale=0.125, window=window, kernel=kernel)).trace(q, k, k).lower(
             lowering_platforms=(platform,))

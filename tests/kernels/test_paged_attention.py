@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kernel_oracles import HEAD_LAYOUTS, assert_close, assert_stats_close, in_f64, randn
+
 from ruvllm_jax.errors import PagedAttentionError
-from ruvllm_jax.kernels import decode_attention_reference, paged_attention
-from ruvllm_jax.kernels.paged import PagedBlockSizes, paged_attention_pallas
+from ruvllm_jax.kernels import KernelOptions, PagedBlockSizes, decode_attention_reference, paged_attention
+from ruvllm_jax.kernels.paged import paged_attention_pallas
 
 SMALL_BLOCKS = PagedBlockSizes(pages_per_compute_block=2, max_splits=3)
 
@@ -34,11 +34,12 @@ def scatter_into_pages(rng, cache, block_size, spare_blocks=3):
 
 
 def run_paged(path, q, kp, vp, tables, lengths, ks=None, vs=None, window=None):
-    if path == "xla":
+    if path == "jnp":
         return paged_attention(q, kp, vp, tables, lengths, k_scales=ks, v_scales=vs, sliding_window=window,
-                               impl="xla", return_residuals=True)
-    return paged_attention_pallas(q, kp, vp, tables, lengths, ks, vs, scale=q.shape[-1] ** -0.5, window=window,
-                                  backend=path, interpret=True, blocks=SMALL_BLOCKS)
+                               impl="jnp", return_residuals=True)
+    return paged_attention(q, kp, vp, tables, lengths, k_scales=ks, v_scales=vs, sliding_window=window,
+                           impl="pallas", interpret=True, pallas_backend=path, block_sizes=SMALL_BLOCKS,
+                           return_residuals=True)
 
 
 paged_cases = st.fixed_dictionaries(dict(
@@ -72,8 +73,8 @@ def check_paged_case(path, case):
 
 @settings(max_examples=6, deadline=None, derandomize=True)
 @given(case=paged_cases)
-def test_paged_xla_path_equals_contiguous_reference(case):
-    check_paged_case("xla", case)
+def test_paged_jnp_path_equals_contiguous_reference(case):
+    check_paged_case("jnp", case)
 
 
 @settings(max_examples=5, deadline=None, derandomize=True)
@@ -96,7 +97,7 @@ def quantize_per_token(x):
     return codes, scales.astype(np.float32)
 
 
-@pytest.mark.parametrize("path", ["xla", "triton", "mosaic"])
+@pytest.mark.parametrize("path", ["jnp", "triton", "mosaic"])
 def test_paged_int8_kv_equals_reference_over_dequantized_kv(path):
     rng = np.random.default_rng(21)
     b, h, kvh, d, bs, mb = 2, 14, 2, 64, 8, 4
@@ -124,7 +125,7 @@ def test_paged_public_dispatch_accepts_unbatched_query():
     (kp, vp), tables = scatter_into_pages(rng, (k, v), 8)
     q = randn(rng, (4, 64), jnp.float32)
     ref, _ = in_f64(decode_attention_reference, q[None], k, v, jnp.array([11]))
-    for kw in (dict(impl="xla"), dict(impl="pallas", interpret=True), dict(impl="pallas", interpret=True,
+    for kw in (dict(impl="jnp"), dict(impl="pallas", interpret=True), dict(impl="pallas", interpret=True,
                                                                             pallas_backend="mosaic")):
         out = paged_attention(q, kp, vp, tables[0], 11, **kw)
         assert out.shape == (4, 64)
@@ -144,24 +145,24 @@ def _pool():
 def test_out_of_range_block_ids_and_lengths_raise_paged_attention_error(tables, lengths, needle):
     pool, q = _pool()
     with pytest.raises(PagedAttentionError, match=needle.replace("[", r"\[").replace("]", r"\]")) as info:
-        paged_attention(q, pool, pool, jnp.array(tables), jnp.array(lengths), impl="xla")
+        paged_attention(q, pool, pool, jnp.array(tables), jnp.array(lengths), impl="jnp")
     assert str(info.value).startswith("Paged attention error:")
 
 
 def test_unused_table_entries_are_not_checked_and_traced_tables_do_not_raise():
     pool, q = _pool()
-    out = paged_attention(q, pool, pool, jnp.array([[0, 99]]), jnp.array([4]), impl="xla")  # entry 1 unused
+    out = paged_attention(q, pool, pool, jnp.array([[0, 99]]), jnp.array([4]), impl="jnp")  # entry 1 unused
     assert out.shape == (1, 4, 64)
-    jitted = jax.jit(lambda t, n: paged_attention(q, pool, pool, t, n, impl="xla"))
+    jitted = jax.jit(lambda t, n: paged_attention(q, pool, pool, t, n, impl="jnp"))
     assert jitted(jnp.array([[0, 99]]), jnp.array([8])).shape == (1, 4, 64)
 
 
 def test_paged_shape_mismatch_raises_paged_attention_error():
     pool, q = _pool()
     with pytest.raises(PagedAttentionError, match="block_tables"):
-        paged_attention(q, pool, pool, jnp.array([0, 1]), jnp.array([3]), impl="xla")
+        paged_attention(q, pool, pool, jnp.array([0, 1]), jnp.array([3]), impl="jnp")
     with pytest.raises(PagedAttentionError, match="k_scales and v_scales"):
-        paged_attention(q, pool, pool, jnp.array([[0, 1]]), jnp.array([3]), k_scales=jnp.ones((2, 6, 4)), impl="xla")
+        paged_attention(q, pool, pool, jnp.array([[0, 1]]), jnp.array([3]), k_scales=jnp.ones((2, 6, 4)), impl="jnp")
 
 
 @pytest.mark.parametrize("backend,platform", [("triton", "cuda"), ("mosaic", "tpu")])
@@ -171,6 +172,7 @@ def test_paged_kernels_lower_for_their_accelerator(backend, platform, quantized)
     pool = jnp.zeros((2, 64, 16, 64), jnp.int8 if quantized else jnp.bfloat16)
     scales = (jnp.ones((2, 64, 16)),) * 2 if quantized else (None, None)
     for window in (None, 40):
-        jax.jit(lambda q, kp, vp, t, n: paged_attention_pallas(
-            q, kp, vp, t, n, *scales, scale=0.125, window=window, backend=backend, interpret=False)).trace(
+        kernel = KernelOptions(impl="pallas", pallas_backend=backend)
+        jax.jit(lambda q, kp, vp, t, n, window=window, kernel=kernel: paged_attention_pallas(
+            q, kp, vp, t, n, *scales, scale=0.125, window=window, kernel=kernel)).trace(
             q, pool, pool, jnp.zeros((2, 16), jnp.int32), jnp.array([5, 200])).lower(lowering_platforms=(platform,))

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import build_hf_model, rng_tokens, save_hf_model
 from ruvllm_jax.cache import ContiguousKVCache
+from ruvllm_jax.kernels import KernelOptions
 from ruvllm_jax.models import llama, loader
+from ruvllm_jax.testing import build_hf_model, rng_tokens, save_hf_model
 
 
 def _logits_per_step(params, cfg, tokens, split, **impl):
@@ -36,10 +37,10 @@ def model(request, tmp_path_factory):
 def test_model_logits_equal_across_attention_impls(model):
     params, cfg = model
     tokens = rng_tokens(14, seed=3)  # mistral's window is 8: prompt and decode both cross it
-    xla = _logits_per_step(params, cfg, tokens, 10, impl="xla")
-    auto = _logits_per_step(params, cfg, tokens, 10, impl="auto")
-    np.testing.assert_array_equal(auto, xla)  # "auto" on CPU is the jnp path
+    jnp_path = _logits_per_step(params, cfg, tokens, 10, impl="jnp")
+    auto = _logits_per_step(params, cfg, tokens, 10, kernel=KernelOptions())
+    np.testing.assert_array_equal(auto, jnp_path)  # "auto" on CPU is the jnp path
     # On CPU, impl="pallas" with interpret=True runs the GPU (Triton) flash and decode kernels.
     pallas = _logits_per_step(params, cfg, tokens, 10, impl="pallas", interpret=True)
-    np.testing.assert_allclose(pallas, xla, atol=1e-5, rtol=0)
-    assert np.abs(xla).max() > 0.1  # the comparison is over real logits, not zeros
+    np.testing.assert_allclose(pallas, jnp_path, atol=1e-5, rtol=0)
+    assert np.abs(jnp_path).max() > 0.1  # the comparison is over real logits, not zeros
