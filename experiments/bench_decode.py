@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 
-from absl import app, flags
+from absl import app
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_decode.py", "Benchmark config.")
@@ -44,25 +44,30 @@ def bench_ruvllm(folder: str, prompt_ids: list[int], new_tokens: int, repeats: i
 
     backend = JaxBackend.new()
     backend.load_model(folder, ModelConfig(max_context=max(1024, len(prompt_ids) + new_tokens)))
-    m = backend._require()
+    params, cfg = backend.params, backend.config
     greedy = GenerateParams(max_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0)
     sampling = SamplingParams.from_generate_params(greedy)
-    bucket, cache_len = engine.buckets(len(prompt_ids), new_tokens, backend._max_context())
+    bucket, cache_len = engine.buckets(len(prompt_ids), new_tokens, backend.max_context())
     tokens = np.zeros((1, bucket), np.int32)
     tokens[0, : len(prompt_ids)] = prompt_ids
     lengths = jnp.asarray([len(prompt_ids)], jnp.int32)
     no_eos = jnp.asarray([-1], jnp.int32)  # decode the full count, as transformers does with min_new_tokens
 
     def prefill():
-        cache = engine.new_cache(m.cfg, 1, cache_len)
-        st = engine.prefill_and_sample(m.params, jnp.asarray(tokens), lengths, cache, sampling, engine.make_rng(0), no_eos, cfg=m.cfg)
+        cache = engine.new_cache(cfg, 1, cache_len)
+        st = engine.prefill_and_sample(
+            params, jnp.asarray(tokens), lengths, cache, sampling, engine.make_rng(0), no_eos, cfg=cfg
+        )
         return jax.block_until_ready(st)
 
     def generate():
         st = prefill()
         produced = 1
         while produced < new_tokens:
-            st, out, count = engine.decode_chunk(m.params, st, sampling, no_eos, jnp.int32(new_tokens - produced), cfg=m.cfg, chunk=backend.decode_chunk_size)
+            st, _, count = engine.decode_chunk(
+                params, st, sampling, no_eos, jnp.int32(new_tokens - produced), cfg=cfg,
+                chunk=backend.decode_chunk_size,
+            )
             produced += int(count)
         return produced
 

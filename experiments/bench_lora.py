@@ -26,17 +26,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_lora.py", "Be
 def _pick_model(name: str) -> tuple[str, str]:
     if name != "auto":
         return name, f"folder {name}"
-    try:
-        from ruvllm_jax.assets import DEFAULT_MODEL_PATH
+    from ruvllm_jax.assets import DEFAULT_MODEL_PATH
 
-        if os.path.isfile(os.path.join(DEFAULT_MODEL_PATH, "config.json")):
-            return DEFAULT_MODEL_PATH, "embedded default model"
-    except ImportError:
-        pass
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from conftest import build_hf_model, save_hf_model  # tiny random transformers llama
+    if os.path.isfile(os.path.join(DEFAULT_MODEL_PATH, "config.json")):
+        return DEFAULT_MODEL_PATH, "embedded default model"
+    from ruvllm_jax.testing import build_hf_model, save_hf_model  # tiny random transformers llama
 
     folder = tempfile.mkdtemp(prefix="bench_lora_")
     save_hf_model(build_hf_model("llama"), folder)
@@ -62,7 +56,7 @@ def bench_adapt(backend, c) -> dict:
         "gradient_estimate": [(m, rng.normal(size=dims[m]).astype(np.float32)) for m in targets],
     }
     for name, fb_list in cases.items():
-        def step():
+        def step(fb_list=fb_list):
             for module, g in fb_list:  # one adapt per module, then one update
                 lora.adapt(x, AdaptFeedback(quality=0.8, gradient_estimate=g), module=module, layer=c.layer)
             lora.apply_updates(1e-3)
@@ -88,11 +82,13 @@ def bench_decode(backend, c) -> dict:
     cfg = backend.config
     lora = MicroLoRA.for_model(cfg, rank=c.rank, alpha=c.alpha, target_modules=c.targets.split(","), seed=c.seed)
     keys = iter(jax.random.split(jax.random.PRNGKey(c.seed), 4 * cfg.num_layers * 8))
-    lora.state = lora.state.replace(params=jax.tree.map(lambda p: p + 0.01 * jax.random.normal(next(keys), p.shape), lora.state.params))
+    lora.state = lora.state.replace(
+        params=jax.tree.map(lambda p: p + 0.01 * jax.random.normal(next(keys), p.shape), lora.state.params)
+    )
     prompt = list(np.random.default_rng(c.seed).integers(2, cfg.vocab_size, c.prompt_tokens))
     params = GenerateParams(max_tokens=c.new_tokens, temperature=0.0, repetition_penalty=1.0)
-    eos = backend._require().eos_ids
-    backend._require().eos_ids = ()  # decode the full count
+    eos = backend.eos_token_ids
+    backend.eos_token_ids = ()  # decode the full count
 
     def run(with_adapters: bool) -> float:
         backend.attach_adapters(lora) if with_adapters else backend.detach_adapters()
@@ -105,7 +101,7 @@ def bench_decode(backend, c) -> dict:
     for _ in range(c.decode_repeats):
         plain.append(run(False))
         adapted.append(run(True))
-    backend._require().eos_ids = eos
+    backend.eos_token_ids = eos
     backend.detach_adapters()
     p, a = statistics.median(plain), statistics.median(adapted)
     return {"tok_s_without": p, "tok_s_with": a, "overhead_pct": 100.0 * (p - a) / p, "new_tokens": c.new_tokens,
@@ -123,15 +119,17 @@ def main(_):
     backend.load_model(folder)
     cfg = backend.config
     result = {
-        "model": which, "path": os.path.relpath(folder) if os.path.isdir(folder) else folder, "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
-        "rank": c.rank, "targets": c.targets, "adapt_apply": bench_adapt(backend, c), "decode": bench_decode(backend, c),
+        "model": which, "path": os.path.relpath(folder) if os.path.isdir(folder) else folder,
+        "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers, "rank": c.rank, "targets": c.targets,
+        "adapt_apply": bench_adapt(backend, c), "decode": bench_decode(backend, c),
         "jax": jax.__version__, "device": str(jax.devices()[0]), "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
     }
     print(f"model: {which} (hidden {cfg.hidden_size}, {cfg.num_layers} layers), rank {c.rank}, targets {c.targets}")
     print(f"{'measure':<56}{'value':>14}")
     for name, r in result["adapt_apply"].items():
-        print(f"{'adapt+apply_updates ' + name + ' ' + '/'.join(r['modules']) + ' (median µs)':<56}{r['median_us']:>14.1f}")
+        label = f"adapt+apply_updates {name} {'/'.join(r['modules'])} (median µs)"
+        print(f"{label:<56}{r['median_us']:>14.1f}")
     d = result["decode"]
     print(f"{'tok/s without adapters':<56}{d['tok_s_without']:>14.1f}")
     print(f"{'tok/s with adapters':<56}{d['tok_s_with']:>14.1f}")

@@ -9,15 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from ruvllm_jax.models.loader import load_config, load_params  # noqa: E402
-from ruvllm_jax.training import data, eval as reval, tokenizer as toks  # noqa: E402
+from ruvllm_jax.models.loader import load_config, load_params
+from ruvllm_jax.training import bpe, data, scoring
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval_perplexity.py", "Evaluation config.")
 
@@ -32,8 +29,8 @@ def main(argv):
         folder = DEFAULT_MODEL_PATH
     cfg = load_config(folder)
     params = load_params(folder, cfg)
-    tok = toks.load_tokenizer(folder)
-    lengths = toks.token_byte_lengths(tok)
+    tok = bpe.load_tokenizer(folder)
+    lengths = bpe.token_byte_lengths(tok)
     context = c.context or cfg.max_position_embeddings
     results = {"model_path": os.path.abspath(folder), "context": context, "stride": c.stride, "texts": {}}
     for name in [t.strip() for t in c.texts.split(",") if t.strip()]:
@@ -41,13 +38,13 @@ def main(argv):
             text = data.split_train_val(data.read_text(c.data_path), c.train_fraction)[1]
         else:
             text = data.read_text(name)
-        ids = toks.encode(tok, text)
+        ids = bpe.encode(tok, text)
         if c.max_tokens:
             ids = ids[:c.max_tokens]
-        nats, n_tok, n_bytes = reval.score_text(params, cfg, ids, context, c.stride, batch_size=c.batch_size,
-                                                byte_lengths=lengths)
+        nats, n_tok, n_bytes = scoring.score_text(params, cfg, ids, context, c.stride, batch_size=c.batch_size,
+                                                  byte_lengths=lengths)
         r = {"tokens": n_tok, "bytes": n_bytes, "nats_per_token": nats / n_tok,
-             "perplexity": math.exp(nats / n_tok), "bits_per_byte": reval.bits_per_byte(nats, n_bytes)}
+             "perplexity": math.exp(nats / n_tok), "bits_per_byte": scoring.bits_per_byte(nats, n_bytes)}
         results["texts"][name] = r
         print(f"{name}: {n_tok} tokens, {r['nats_per_token']:.4f} nats/token, ppl {r['perplexity']:.2f}, "
               f"{r['bits_per_byte']:.4f} bits/byte", flush=True)

@@ -3,14 +3,18 @@
     python experiments/generate.py
     python experiments/generate.py --config=configs/generate.py --config.prompt="JULIET:" --config.max_tokens=100
     python experiments/generate.py --config.model=Qwen/Qwen2.5-0.5B --config.temperature=0
+    python experiments/generate.py --verbosity=1  # jax's INFO logging too (2: debug)
+
+Progress and timing go to stderr, the text to stdout. absl's `--verbosity` (default 0) also sets
+jax's loggers, as the `ruvllm-jax generate --verbosity` option does: 0 keeps them to warnings.
 """
 
 from __future__ import annotations
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
-from ruvllm_jax.cli import stream_generation
+from ruvllm_jax.cli import set_jax_verbosity, stream_generation
 from ruvllm_jax.types import GenerateParams, Precision
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/generate.py", "Generation config.")
@@ -18,6 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/generate.py", "Gene
 
 def main(argv):
     del argv
+    set_jax_verbosity(flags.FLAGS.verbosity)
     c = _CONFIG.value
     params = GenerateParams(
         max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,

@@ -12,22 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, logging
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from ruvllm_jax.cache import ContiguousKVCache  # noqa: E402
-from ruvllm_jax.models import llama  # noqa: E402
-from ruvllm_jax.models.config import LlamaConfig  # noqa: E402
-from ruvllm_jax.models.loader import load_config, load_params, save_hf_folder  # noqa: E402
-from ruvllm_jax.training import data, eval as reval, tokenizer as toks, train  # noqa: E402
+from ruvllm_jax.cache import ContiguousKVCache
+from ruvllm_jax.models import llama
+from ruvllm_jax.models.config import LlamaConfig
+from ruvllm_jax.models.loader import load_config, load_params, save_hf_folder
+from ruvllm_jax.training import bpe, data, scoring, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/train_tiny.py", "Training config.")
 
@@ -45,7 +42,7 @@ def model_config(c) -> LlamaConfig:
 
 def sample_text(params, cfg: LlamaConfig, tok, prompt: str, n: int, temperature: float, seed: int) -> str:
     """Temperature sampling with prefill + cached decode (for the model card)."""
-    ids = toks.encode(tok, prompt)
+    ids = bpe.encode(tok, prompt)
     cache = ContiguousKVCache.init(num_layers=cfg.num_layers, batch=1, num_kv_heads=cfg.num_kv_heads,
                                    head_dim=cfg.head_dim, max_len=len(ids) + n)
     logits, cache = jax.jit(lambda p, t, c: llama.prefill(p, cfg, t, c))(params, jnp.asarray(ids[None]), cache)
@@ -62,10 +59,10 @@ def sample_text(params, cfg: LlamaConfig, tok, prompt: str, n: int, temperature:
 def evaluate(folder: str, text: str, stride: int) -> dict:
     cfg = load_config(folder)
     params = load_params(folder, cfg)
-    tok = toks.load_tokenizer(folder)
-    nats, n_tok, n_bytes = reval.score_text(params, cfg, toks.encode(tok, text), cfg.max_position_embeddings,
-                                            stride, byte_lengths=toks.token_byte_lengths(tok))
-    return {"nats_per_token": nats / n_tok, "bits_per_byte": reval.bits_per_byte(nats, n_bytes),
+    tok = bpe.load_tokenizer(folder)
+    nats, n_tok, n_bytes = scoring.score_text(params, cfg, bpe.encode(tok, text), cfg.max_position_embeddings,
+                                              stride, byte_lengths=bpe.token_byte_lengths(tok))
+    return {"nats_per_token": nats / n_tok, "bits_per_byte": scoring.bits_per_byte(nats, n_bytes),
             "tokens": n_tok, "bytes": n_bytes, "context": cfg.max_position_embeddings, "stride": stride}
 
 
@@ -73,7 +70,7 @@ def export(c, cfg: LlamaConfig, params, tok, history, wall_s: float) -> dict:
     folder = c.export_dir
     save_hf_folder(params, cfg, folder, dtype={"float32": np.float32, "bfloat16": jnp.bfloat16,
                                                "float16": np.float16}[c.export_dtype])
-    toks.save_tokenizer_folder(tok, folder, model_max_length=cfg.max_position_embeddings)
+    bpe.save_tokenizer_folder(tok, folder, model_max_length=cfg.max_position_embeddings)
     with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids[0],
                    "max_length": cfg.max_position_embeddings}, f, indent=2)
@@ -103,6 +100,12 @@ def export(c, cfg: LlamaConfig, params, tok, history, wall_s: float) -> dict:
     }
     _write_card(folder, result)
     return result
+
+
+def _eval_row(name: str, e: dict) -> str:
+    """One row of the card's evaluation table."""
+    ppl = np.exp(e["nats_per_token"])
+    return f"| {name} | {e['tokens']} | {e['nats_per_token']:.4f} | {ppl:.2f} | {e['bits_per_byte']:.4f} |"
 
 
 def _write_card(folder: str, r: dict) -> None:
@@ -142,8 +145,8 @@ shared 2-core CPU. Final train loss {r['final_train_loss']:.3f} nats/token.
 ## Evaluation (sliding windows of {v['context']} tokens, stride {v['stride']}, every token scored once)
 | text | tokens | nats/token | perplexity | bits/byte |
 |---|---|---|---|---|
-| tinyshakespeare validation (last 10 %) | {v['tokens']} | {v['nats_per_token']:.4f} | {np.exp(v['nats_per_token']):.2f} | {v['bits_per_byte']:.4f} |
-| alice29.txt (out of domain) | {a['tokens']} | {a['nats_per_token']:.4f} | {np.exp(a['nats_per_token']):.2f} | {a['bits_per_byte']:.4f} |
+{_eval_row('tinyshakespeare validation (last 10 %)', v)}
+{_eval_row('alice29.txt (out of domain)', a)}
 
 Bits per byte = total nats / UTF-8 bytes of the scored tokens / ln 2.
 
@@ -176,11 +179,11 @@ def main(argv):
     train_text, val_text = data.split_train_val(text, c.train_fraction)
     tok_dir = os.path.join(c.workdir, "tokenizer")
     if os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-        tok = toks.load_tokenizer(tok_dir)
+        tok = bpe.load_tokenizer(tok_dir)
     else:
-        tok = toks.train_bpe_tokenizer([train_text], c.vocab_size)
-        toks.save_tokenizer_folder(tok, tok_dir, model_max_length=c.model.max_position_embeddings)
-    train_ids, val_ids = toks.encode(tok, train_text), toks.encode(tok, val_text)
+        tok = bpe.train_bpe_tokenizer([train_text], c.vocab_size)
+        bpe.save_tokenizer_folder(tok, tok_dir, model_max_length=c.model.max_position_embeddings)
+    train_ids, val_ids = bpe.encode(tok, train_text), bpe.encode(tok, val_text)
     logging.info("train %d tokens, validation %d tokens", len(train_ids), len(val_ids))
     cfg = model_config(c)
     logging.info("model %s: %d params", cfg, cfg.num_params())
@@ -193,7 +196,8 @@ def main(argv):
         state = train.restore_checkpoint(manager, template)
         history = [h for h in train.read_curve(c.workdir) if h["step"] <= int(state.step)]
         result = export(c, cfg, state.params, tok, history, max(h["elapsed_s"] for h in history))
-        logging.info("exported step %d: validation %s alice %s", int(state.step), result["validation"], result["alice29"])
+        logging.info("exported step %d: validation %s alice %s", int(state.step), result["validation"],
+                     result["alice29"])
         return
     state, history = train.train(cfg, oc, lc, train_ids, val_ids, c.workdir)
     wall = max((h.get("elapsed_s", 0) for h in history), default=0.0)

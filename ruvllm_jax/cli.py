@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from typing import Optional, Sequence
 
 from ruvllm_jax.types import GenerateParams, ModelConfig, Precision
+
+# --verbosity N -> the level of the `jax` and `jaxlib` loggers. 0 keeps jax's start-up INFO lines
+# ("Unable to initialize backend 'tpu'...") off the terminal; warnings always show.
+VERBOSITY_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+
+
+def set_jax_verbosity(verbosity: int) -> None:
+    """Set the `jax`/`jaxlib` loggers to `VERBOSITY_LEVELS[verbosity]` (below 0 counts as 0, above
+    2 as 2). Only levels: records go to whatever handlers the program has (absl's, basicConfig's)."""
+    level = VERBOSITY_LEVELS[min(max(int(verbosity), 0), max(VERBOSITY_LEVELS))]
+    for name in ("jax", "jaxlib"):
+        logging.getLogger(name).setLevel(level)
 
 
 def stream_generation(
@@ -56,7 +69,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--max-context", type=int, default=4096)
     g.add_argument("--precision", choices=["FP32", "FP16", "BF16"], default="FP32")
+    g.add_argument("--verbosity", type=int, choices=sorted(VERBOSITY_LEVELS), default=0,
+                   help="jax's logging: 0 = warnings only (default), 1 = info, 2 = debug")
     args = parser.parse_args(argv)
+    logging.basicConfig()  # a stderr handler for the jax records let through (no-op if the root has one)
+    set_jax_verbosity(args.verbosity)
     params = GenerateParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         repetition_penalty=args.repetition_penalty, stop_sequences=tuple(args.stop), seed=args.seed,

@@ -21,32 +21,92 @@ class RuvLLMError(Exception):
         return (type(self), (self.message,))
 
 
-def _variant(name: str, prefix: str, doc: str, bases: tuple = (RuvLLMError,)) -> type:
-    return type(name, bases, {"prefix": prefix, "__doc__": doc, "__module__": __name__})
+class StorageError(RuvLLMError):
+    """Raised when storing or reading back persisted state fails."""
+
+    prefix = "Storage error"
 
 
-StorageError = _variant("StorageError", "Storage error", "Storage-related failure.")
-SessionError = _variant("SessionError", "Session error", "Session management failure.")
-KvCacheError = _variant("KvCacheError", "KV cache error", "KV cache misuse: full cache, bad shapes.")
-PagedAttentionError = _variant(
-    "PagedAttentionError", "Paged attention error", "Bad block tables, block ids or lengths."
-)
-AdapterError = _variant("AdapterError", "Adapter error", "LoRA adapter misuse or bad feedback.")
-SonaError = _variant("SonaError", "SONA error", "SONA learning-loop failure.")
-ConfigError = _variant("ConfigError", "Configuration error", "An invalid configuration value.")
-OutOfMemoryError = _variant("OutOfMemoryError", "Out of memory", "Not enough memory or capacity.")
-InvalidOperationError = _variant(
-    "InvalidOperationError", "Invalid operation", "An operation called in the wrong state."
-)
-NotFoundError = _variant("NotFoundError", "Not found", "A model, file or tensor that does not exist.")
-BackendError = _variant("BackendError", "Backend error", "Inference backend failure.")
-ModelError = _variant("ModelError", "Model error", "Unsupported, corrupt or mismatched model files.")
-TokenizationError = _variant("TokenizationError", "Tokenization error", "Tokenizer failure.")
-GenerationError = _variant("GenerationError", "Generation error", "Generation failure.")
+class SessionError(RuvLLMError):
+    """Raised when a session is missing, closed or misused."""
+
+    prefix = "Session error"
+
+
+class KvCacheError(RuvLLMError):
+    """Raised on KV cache misuse: a full cache, bad shapes or positions."""
+
+    prefix = "KV cache error"
+
+
+class PagedAttentionError(RuvLLMError):
+    """Raised on bad block tables, block ids or lengths given to paged attention."""
+
+    prefix = "Paged attention error"
+
+
+class AdapterError(RuvLLMError):
+    """Raised on LoRA adapter misuse or bad feedback."""
+
+    prefix = "Adapter error"
+
+
+class SonaError(RuvLLMError):
+    """Raised when the SONA learning loop fails."""
+
+    prefix = "SONA error"
+
+
+class ConfigError(RuvLLMError):
+    """Raised when a configuration value is invalid."""
+
+    prefix = "Configuration error"
+
+
+class OutOfMemoryError(RuvLLMError):
+    """Raised when there is not enough memory or capacity."""
+
+    prefix = "Out of memory"
+
+
+class InvalidOperationError(RuvLLMError):
+    """Raised when an operation is called in the wrong state."""
+
+    prefix = "Invalid operation"
+
+
+class NotFoundError(RuvLLMError):
+    """Raised when a model, file or tensor does not exist."""
+
+    prefix = "Not found"
+
+
+class BackendError(RuvLLMError):
+    """Raised when the inference backend fails."""
+
+    prefix = "Backend error"
+
+
+class ModelError(RuvLLMError):
+    """Raised on unsupported, corrupt or mismatched model files."""
+
+    prefix = "Model error"
+
+
+class TokenizationError(RuvLLMError):
+    """Raised when the tokenizer fails."""
+
+    prefix = "Tokenization error"
+
+
+class GenerationError(RuvLLMError):
+    """Raised when generation fails."""
+
+    prefix = "Generation error"
 
 
 class RuvIoError(RuvLLMError, OSError):
-    """An I/O failure; also an `OSError` so plain `except OSError` still catches it."""
+    """Raised when reading or writing a file fails; also an `OSError`, so plain `except OSError` catches it."""
 
     prefix = "IO error"
 

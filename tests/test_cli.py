@@ -42,6 +42,51 @@ def test_experiment_script_reads_config_overrides(llama_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("To be")
     assert "params on cpu" in proc.stderr
+    assert "Unable to initialize backend" not in proc.stderr  # absl's default verbosity keeps jax quiet
+
+
+def _run_cli(folder: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ruvllm_jax.cli", "generate", "--model", folder, "--prompt", "To be",
+         "--max-tokens", "2", "--temperature", "0", *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_console_script_is_quiet_by_default_and_verbosity_brings_jax_logging_back(llama_dir):
+    _, folder = llama_dir
+    quiet = _run_cli(folder)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert quiet.stdout.startswith("To be")
+    # Our two progress lines, and no jax start-up INFO ("Unable to initialize backend 'tpu'...").
+    assert "Unable to initialize backend" not in quiet.stderr
+    assert not [line for line in quiet.stderr.splitlines() if line.startswith(("INFO", "DEBUG"))]
+    assert len([line for line in quiet.stderr.splitlines() if line.startswith("[ruvllm-jax] ")]) == 2
+
+    # Which INFO lines jax logs depends on the machine; its DEBUG "Initializing backend" always comes.
+    debug = _run_cli(folder, "--verbosity", "2")
+    assert debug.returncode == 0, debug.stderr[-2000:]
+    assert "Initializing backend 'cpu'" in debug.stderr
+    assert debug.stdout == quiet.stdout
+
+
+def test_verbosity_sets_the_jax_loggers(llama_dir):
+    import logging
+
+    from ruvllm_jax.cli import set_jax_verbosity
+
+    _, folder = llama_dir
+    before = logging.getLogger("jax").level
+    try:
+        assert main(["generate", "--model", folder, "--prompt", "or", "--max-tokens", "1", "--verbosity", "1"]) == 0
+        assert logging.getLogger("jax").level == logging.INFO == logging.getLogger("jaxlib").level
+        set_jax_verbosity(0)
+        assert logging.getLogger("jax").level == logging.WARNING
+        set_jax_verbosity(5)  # clamped
+        assert logging.getLogger("jax").level == logging.DEBUG
+    finally:
+        logging.getLogger("jax").setLevel(before)
+        logging.getLogger("jaxlib").setLevel(before)
 
 
 def test_eval_perplexity_script_scores_the_embedded_model(tmp_path):

@@ -66,3 +66,13 @@ def test_errors_pickle_and_keep_their_message():
         assert type(err) is cls
         assert str(err) == f"{PREFIXES[cls.__name__]}: cache full at 4096"  # prefix not doubled
         assert err.message == "cache full at 4096"
+
+
+def test_each_variant_is_a_plain_class_with_a_docstring_and_prefix():
+    import inspect
+
+    for cls in E.ALL_ERRORS:
+        assert cls.__module__ == E.__name__
+        assert inspect.getsource(cls).startswith(f"class {cls.__name__}(RuvLLMError")  # not made by a factory
+        assert cls.__doc__.startswith("Raised ")  # says when it is raised
+        assert vars(cls)["prefix"] == PREFIXES[cls.__name__]  # its own class attribute

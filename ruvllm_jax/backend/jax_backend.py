@@ -21,7 +21,6 @@ from ruvllm_jax.backend.sampling import SamplingParams
 from ruvllm_jax.backend.tokenizer import IncrementalDecoder, Tokenizer
 from ruvllm_jax.errors import (
     ConfigError,
-    GenerationError,
     InvalidOperationError,
     ModelError,
     TokenizationError,
@@ -103,7 +102,9 @@ class JaxBackend:
         self._device, self._jax_device = device, jax_device
         self._model = _Loaded(params, cfg, config, tokenizer, eos_ids, path, name)
 
-    def download_model(self, model_id: str, quantization: Precision = Precision.FP32, cache_dir: Optional[str] = None) -> str:
+    def download_model(
+        self, model_id: str, quantization: Precision = Precision.FP32, cache_dir: Optional[str] = None,
+    ) -> str:
         """Fetch a hub model into the HF cache (or `cache_dir`) and return its local folder."""
         del quantization  # weights are quantized at load time, not on disk
         return loader.resolve_model_path(model_id, cache_dir=cache_dir)
@@ -129,6 +130,20 @@ class JaxBackend:
     def config(self) -> LlamaConfig:
         return self._require().cfg
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Tokens that end a generation (from generation_config.json, else config.json)."""
+        return self._require().eos_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids) -> None:
+        """Replace them; `()` decodes every requested token (benchmarks)."""
+        m = self._require()
+        ids = tuple(ids)
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < m.cfg.vocab_size for t in ids):
+            raise ConfigError(f"eos_token_ids must be token ids in [0, {m.cfg.vocab_size}), got {ids!r}")
+        m.eos_ids = ids
+
     def model_info(self) -> Optional[ModelInfo]:
         if self._model is None:
             return None
@@ -144,8 +159,9 @@ class JaxBackend:
 
     def memory_stats(self) -> MemoryStats:
         """Bytes of the params on device and of the KV cache of the latest generation."""
-        params_bytes = 0 if self._model is None else sum(x.nbytes for x in jax.tree_util.tree_leaves(self._model.params))
-        return MemoryStats(params_bytes=int(params_bytes), cache_bytes=int(self._last_cache_bytes), device=str(self._device))
+        leaves = [] if self._model is None else jax.tree_util.tree_leaves(self._model.params)
+        return MemoryStats(params_bytes=int(sum(x.nbytes for x in leaves)), cache_bytes=int(self._last_cache_bytes),
+                           device=str(self._device))
 
     def _require(self) -> _Loaded:
         if self._model is None:

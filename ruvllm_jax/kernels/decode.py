@@ -156,7 +156,13 @@ def decode_attention_reference(q, k, v, lengths, *, scale: Optional[float] = Non
     k = jnp.repeat(k, h // kvh, axis=1)
     v = jnp.repeat(v, h // kvh, axis=1)
     logits = jnp.einsum("bhd,bhtd->bht", q, k, precision=lax.Precision.HIGHEST) * scale
-    mask = _decode_mask(jnp.asarray(lengths), t, sliding_window)[:, None, :]
+    # The spec's own mask (not the jnp path's): key t is the (lengths - t)-th most recent, and a
+    # window of w keeps the w most recent.
+    age = jnp.asarray(lengths).reshape(-1, 1) - jnp.arange(t)[None, :]  # 1 = the newest stored key
+    mask = age >= 1
+    if sliding_window is not None:
+        mask &= age <= sliding_window
+    mask = mask[:, None, :]
     logits = jnp.where(mask, logits, -jnp.inf)
     m = jnp.max(logits, axis=-1)
     p = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)[..., None]), 0.0)

@@ -12,8 +12,6 @@ import os
 from typing import Mapping, Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from ruvllm_jax.errors import AdapterError
@@ -25,8 +23,10 @@ _META = "meta.json"
 
 def _tree(state: F.LoraState, ewc_states: Mapping[str, ewc_lib.EwcState]) -> dict:
     return {
-        "lora": {k: getattr(state, k) for k in ("params", "scaling", "grad", "grad_sq", "pending", "samples", "updates", "baseline", "rng", "opt_state")},
-        "ewc": {k: {"fisher": e.fisher, "anchor": e.anchor, "fisher_updates": e.fisher_updates} for k, e in ewc_states.items()},
+        "lora": {k: getattr(state, k) for k in ("params", "scaling", "grad", "grad_sq", "pending", "samples",
+                                                "updates", "baseline", "rng", "opt_state")},
+        "ewc": {k: {"fisher": e.fisher, "anchor": e.anchor, "fisher_updates": e.fisher_updates}
+                for k, e in ewc_states.items()},
     }
 
 

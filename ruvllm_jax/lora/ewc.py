@@ -35,7 +35,9 @@ def init(params: dict, key: str) -> EwcState:
     return EwcState(fisher=jax.tree.map(jnp.zeros_like, mp), anchor=mp, fisher_updates=jnp.int32(0))
 
 
-def update_fisher(ewc: EwcState, grad_sq: dict, samples: jax.Array, key: str, decay: float = DEFAULT_FISHER_DECAY) -> EwcState:
+def update_fisher(
+    ewc: EwcState, grad_sq: dict, samples: jax.Array, key: str, decay: float = DEFAULT_FISHER_DECAY
+) -> EwcState:
     """Fold the mean per-sample squared gradient of module `key` into the Fisher (no-op if samples = 0)."""
     has = samples > 0
     mean_sq = jax.tree.map(lambda s: s / jnp.maximum(samples, 1).astype(s.dtype), module_params(grad_sq, key))

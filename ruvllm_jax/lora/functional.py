@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from ruvllm_jax.errors import AdapterError, ConfigError
 from ruvllm_jax.lora import ewc as ewc_lib
-from ruvllm_jax.lora.config import TargetModule
+from ruvllm_jax.lora.config import TargetModule, module_dims
 
 DEFAULT_BASELINE_DECAY = 0.9
 OPTIMIZERS = ("sgd", "adam")  # the direction transform before the learning rate
@@ -80,7 +81,8 @@ def init(
             layer[_key(module)] = {"A": a, "B": jnp.zeros((rank, d_out), jnp.float32)}
         layers.append(layer)
     params = {"layers": tuple(layers)}
-    return from_params(params, alpha / rank, rng=rng, dropout=dropout, baseline_decay=baseline_decay, optimizer=optimizer)
+    return from_params(params, alpha / rank, rng=rng, dropout=dropout, baseline_decay=baseline_decay,
+                       optimizer=optimizer)
 
 
 def from_params(params: dict, scaling: float, *, rng: Optional[jax.Array] = None, dropout: float = 0.0,
@@ -105,7 +107,7 @@ def _direction(optimizer: str) -> optax.GradientTransformation:
         return optax.identity()
     if optimizer == "adam":
         return optax.scale_by_adam()
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
 
 
 def adapters(state: LoraState) -> dict:
@@ -231,11 +233,10 @@ def reset(state: LoraState, key: jax.Array) -> LoraState:
 
 def check_adapters(adapters: Any, model_cfg) -> None:
     """Raise `AdapterError` unless `adapters` is a {"layers": [...]} tree that fits `model_cfg`."""
-    from ruvllm_jax.errors import AdapterError
-    from ruvllm_jax.lora.config import module_dims
-
     if not isinstance(adapters, dict) or "layers" not in adapters:
-        raise AdapterError(f"adapters must be a dict with a 'layers' list (or a MicroLoRA), got {type(adapters).__name__}")
+        raise AdapterError(
+            f"adapters must be a dict with a 'layers' list (or a MicroLoRA), got {type(adapters).__name__}"
+        )
     layers = adapters["layers"]
     if len(layers) != model_cfg.num_layers:
         raise AdapterError(f"adapters have {len(layers)} layers, the model has {model_cfg.num_layers}")

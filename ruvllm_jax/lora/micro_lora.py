@@ -70,14 +70,16 @@ class MicroLoRA:
                   target_modules: Sequence[Any] = (TargetModule.QProj, TargetModule.VProj), seed: int = 0,
                   optimizer: str = "sgd") -> "MicroLoRA":
         """Adapters for every layer of a `LlamaConfig` (what `JaxBackend.attach_adapters` takes)."""
-        cfg = MicroLoraConfig.for_model(model_config, rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules)
+        cfg = MicroLoraConfig.for_model(model_config, rank=rank, alpha=alpha, dropout=dropout,
+                                        target_modules=target_modules)
         return cls(cfg, model_config=model_config, seed=seed, optimizer=optimizer)
 
     @classmethod
     def from_peft(cls, folder: str, model_config, *, seed: int = 0, optimizer: str = "sgd") -> "MicroLoRA":
         """Import a PEFT LoRA folder made for this model (plain LoRA; other options raise AdapterError)."""
         params, scaling, rank, alpha, targets = peft_io.load(folder, model_config)
-        lora = cls.for_model(model_config, rank=rank, alpha=alpha, target_modules=targets, seed=seed, optimizer=optimizer)
+        lora = cls.for_model(model_config, rank=rank, alpha=alpha, target_modules=targets, seed=seed,
+                             optimizer=optimizer)
         lora.state = F.from_params(params, scaling, rng=lora.state.rng, baseline_decay=lora._baseline_decay,
                                    optimizer=optimizer)
         return lora
@@ -175,7 +177,8 @@ class MicroLoRA:
                 raise AdapterError(
                     f"{m.name} is not square ({i} -> {o}): a Hebbian update (no gradient_estimate) needs in == out"
                 )
-        self.state = F.adapt(self.state, x, g, q, reward, has_reward, modules=tuple(m.key for m in modules), layer=layer)
+        self.state = F.adapt(self.state, x, g, q, reward, has_reward, modules=tuple(m.key for m in modules),
+                             layer=layer)
 
     def adapt_sequence(self, model_params: dict, prompt_ids: Sequence[int], response_ids: Sequence[int],
                        feedback: AdaptFeedback) -> float:
@@ -193,7 +196,8 @@ class MicroLoRA:
         """log p(response | prompt) under the model with these adapters."""
         cfg = self._require_model()
         tokens, weights = objective.pack(prompt_ids, response_ids, cfg.vocab_size)
-        return float(objective.sequence_log_likelihood(self.state.params, self.state.scaling, model_params, tokens, weights, cfg=cfg))
+        return float(objective.sequence_log_likelihood(self.state.params, self.state.scaling, model_params, tokens,
+                                                       weights, cfg=cfg))
 
     def _require_model(self):
         if self.model_config is None:

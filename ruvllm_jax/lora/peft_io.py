@@ -43,7 +43,9 @@ def check_config(cfg: dict) -> None:
         raise AdapterError(f"peft_type {cfg.get('peft_type')!r} is not supported; only LORA is")
     bad = {k: cfg[k] for k, plain in _PLAIN.items() if k in cfg and cfg[k] not in plain}
     if bad:
-        raise AdapterError(f"unsupported PEFT LoRA options: {bad}; only plain LoRA (scaling = lora_alpha / r) is supported")
+        raise AdapterError(
+            f"unsupported PEFT LoRA options: {bad}; only plain LoRA (scaling = lora_alpha / r) is supported"
+        )
     r = cfg.get("r")
     if not isinstance(r, int) or r <= 0:
         raise AdapterError(f"adapter_config.json r must be a positive integer, got {r!r}")

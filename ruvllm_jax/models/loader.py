@@ -20,6 +20,7 @@ from ruvllm_jax.models.config import LlamaConfig
 from ruvllm_jax.models.safetensors_io import open_checkpoint, save_file
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 def resolve_model_path(model_id: str, *, hf_token: Optional[str] = None, cache_dir: Optional[str] = None) -> str:
@@ -100,17 +101,22 @@ def load_params(folder: str, cfg: LlamaConfig, *, dtype=jnp.float32, device=None
             "wqkv": put(np.concatenate([q, k, v], axis=0)),
             "wo": put(get(n["o"] + ".weight", (d, cfg.q_size))),
             "mlp_norm": put(get(n["mlp_norm"], (d,))),
-            "w_gate_up": put(np.concatenate([get(n["gate"] + ".weight", (inter, d)), get(n["up"] + ".weight", (inter, d))])),
+            "w_gate_up": put(np.concatenate([
+                get(n["gate"] + ".weight", (inter, d)), get(n["up"] + ".weight", (inter, d))
+            ])),
             "w_down": put(get(n["down"] + ".weight", (d, inter))),
         }
         if cfg.attention_bias:
             lp["bqkv"] = put(np.concatenate([
-                get(n["q"] + ".bias", (cfg.q_size,)), get(n["k"] + ".bias", (cfg.kv_size,)), get(n["v"] + ".bias", (cfg.kv_size,))
+                get(n["q"] + ".bias", (cfg.q_size,)), get(n["k"] + ".bias", (cfg.kv_size,)),
+                get(n["v"] + ".bias", (cfg.kv_size,)),
             ]))
             if n["o"] + ".bias" in tensors:  # Llama's attention_bias covers o_proj; Qwen2's does not
                 lp["bo"] = put(get(n["o"] + ".bias", (d,)))
         if cfg.mlp_bias:
-            lp["b_gate_up"] = put(np.concatenate([get(n["gate"] + ".bias", (inter,)), get(n["up"] + ".bias", (inter,))]))
+            lp["b_gate_up"] = put(np.concatenate([
+                get(n["gate"] + ".bias", (inter,)), get(n["up"] + ".bias", (inter,))
+            ]))
             lp["b_down"] = put(get(n["down"] + ".bias", (d,)))
         layers.append(lp)
     params = {
@@ -154,7 +160,7 @@ def hf_config_dict(cfg: LlamaConfig, dtype=np.float32) -> dict[str, Any]:
     """A transformers `config.json` for this config (model_type as given), stating the stored dtype."""
     rope = dict(cfg.rope_scaling)
     d = {
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[cfg.model_type]],
+        "architectures": [_HF_ARCHITECTURES[cfg.model_type]],
         "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,

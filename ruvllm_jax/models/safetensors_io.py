@@ -100,7 +100,9 @@ class SafetensorsFile:
         return raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
-def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+def save_file(
+    tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
     """Write tensors (numpy arrays, any supported dtype) as one safetensors file, names sorted."""
     header: dict = {}
     if metadata:

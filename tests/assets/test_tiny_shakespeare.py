@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ruvllm_jax.assets import DEFAULT_MODEL_PATH, WEIGHTS_SHA256
 from ruvllm_jax.cache import ContiguousKVCache
 from ruvllm_jax.models import llama
 from ruvllm_jax.models.loader import load_config, load_params
-from ruvllm_jax.training import data, eval as reval, tokenizer as toks
+from ruvllm_jax.training import bpe, data, scoring
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
@@ -32,7 +33,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def tok():
-    return toks.load_tokenizer(DEFAULT_MODEL_PATH)
+    return bpe.load_tokenizer(DEFAULT_MODEL_PATH)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_transformers_logits_match_our_forward(model, tok, hf_model):
     import torch
 
     cfg, params = model
-    ids = toks.encode(tok, PROMPT)
+    ids = bpe.encode(tok, PROMPT)
     ours = np.asarray(llama.forward(params, cfg, jnp.asarray(ids[None])))
     with torch.no_grad():
         theirs = hf_model(torch.tensor(ids[None].astype(np.int64))).logits.numpy()
@@ -102,7 +103,7 @@ def test_greedy_continuation_matches_transformers_generate(model, tok, hf_model)
     import torch
 
     cfg, params = model
-    ids = toks.encode(tok, PROMPT)
+    ids = bpe.encode(tok, PROMPT)
     ours = _greedy(params, cfg, ids, N_NEW)
     with torch.no_grad():
         gen = hf_model.generate(torch.tensor(ids[None].astype(np.int64)), do_sample=False, max_new_tokens=N_NEW,
@@ -124,14 +125,14 @@ def test_auto_tokenizer_matches_and_adds_no_specials(tok):
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(DEFAULT_MODEL_PATH)
-    assert hf.encode(PROMPT) == toks.encode(tok, PROMPT).tolist()
-    assert hf.bos_token == toks.BOS_TOKEN and hf.eos_token == toks.EOS_TOKEN
+    assert hf.encode(PROMPT) == bpe.encode(tok, PROMPT).tolist()
+    assert hf.bos_token == bpe.BOS_TOKEN and hf.eos_token == bpe.EOS_TOKEN
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=300))
 def test_shipped_tokenizer_round_trips_arbitrary_unicode(tok, text):
-    assert tok.decode(toks.encode(tok, text).tolist(), skip_special_tokens=False) == text
+    assert tok.decode(bpe.encode(tok, text).tolist(), skip_special_tokens=False) == text
 
 
 def test_validation_bits_per_byte_on_a_slice_matches_card(model, tok, card):
@@ -140,10 +141,10 @@ def test_validation_bits_per_byte_on_a_slice_matches_card(model, tok, card):
     assert m, "validation bits/byte row missing from the model card"
     card_bpb = float(m.group(1))
     text = data.read_text(os.path.join(REPO, "data", "tinyshakespeare.txt"))
-    ids = toks.encode(tok, data.split_train_val(text, 0.9)[1])
+    ids = bpe.encode(tok, data.split_train_val(text, 0.9)[1])
     nats = n_bytes = 0
     for start in np.linspace(0, len(ids) - 3072, 4).astype(int):  # four slices across the split
-        n, _, b = reval.score_text(params, cfg, ids[start:start + 3072], cfg.max_position_embeddings, 256,
-                                   byte_lengths=toks.token_byte_lengths(tok))
+        n, _, b = scoring.score_text(params, cfg, ids[start:start + 3072], cfg.max_position_embeddings, 256,
+                                     byte_lengths=bpe.token_byte_lengths(tok))
         nats, n_bytes = nats + n, n_bytes + b
-    assert abs(reval.bits_per_byte(nats, n_bytes) - card_bpb) < 0.1
+    assert abs(scoring.bits_per_byte(nats, n_bytes) - card_bpb) < 0.1

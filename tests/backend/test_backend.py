@@ -163,6 +163,12 @@ def test_model_eos_ends_generation(backend, llama_dir, tmp_path):
     assert b.generate_tokens(ids, GREEDY) == greedy[:k]
     assert b.generate(PROMPT, GREEDY) == b.tokenizer().decode(greedy[:k])
     assert "".join(stream_pieces(b, PROMPT, GREEDY)) == b.tokenizer().decode(greedy[:k])
+    assert b.eos_token_ids == (greedy[k],)
+    b.eos_token_ids = ()  # what the benchmarks do to decode every requested token
+    assert b.generate_tokens(ids, GREEDY) == greedy
+    with pytest.raises(ConfigError, match=r"eos_token_ids must be token ids in \[0, 384\), got \(-1,\)"):
+        b.eos_token_ids = (-1,)
+    assert b.eos_token_ids == ()
 
 
 def test_prompt_plus_max_tokens_beyond_context_fails_before_any_work(llama_dir):

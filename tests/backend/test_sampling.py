@@ -348,7 +348,9 @@ def test_decode_loop_in_while_loop():
 
 
 def test_from_generate_params():
-    p = SamplingParams.from_generate_params(GenerateParams(temperature=0.5, top_k=40, top_p=0.8, repetition_penalty=1.2))
+    p = SamplingParams.from_generate_params(
+        GenerateParams(temperature=0.5, top_k=40, top_p=0.8, repetition_penalty=1.2)
+    )
     assert p.temperature.dtype == jnp.float32 and p.top_k.dtype == jnp.int32
     assert float(p.temperature) == 0.5 and int(p.top_k) == 40
     assert float(p.top_p) == pytest.approx(0.8) and float(p.repetition_penalty) == pytest.approx(1.2)

@@ -7,12 +7,12 @@ emit pieces that concatenate to `decode(all ids)`, and no piece may carry half a
 from __future__ import annotations
 
 import pytest
-from conftest import train_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ruvllm_jax.backend.tokenizer import IncrementalDecoder, Tokenizer
 from ruvllm_jax.errors import NotFoundError, TokenizationError
+from ruvllm_jax.testing import train_tokenizer
 
 # Characters absent from the training text, so their UTF-8 bytes become separate byte tokens.
 MULTIBYTE = "Grüße 🙂🚀 日本語 — 𝄞 中文字符 ✨🎉 naïve ÀÉÎ 한국어 🇯🇵"

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import struct
 
 from ruvllm_jax.backend import engine
 from ruvllm_jax.backend.sampling import SamplingParams
-from ruvllm_jax.cache import ContiguousKVCache
+from ruvllm_jax.cache import ContiguousKVCache, KVPart
 from ruvllm_jax.cache.segmented import SegmentedKVCache
 from ruvllm_jax.errors import KvCacheError
 from ruvllm_jax.kernels import KernelOptions
@@ -87,6 +88,14 @@ def test_sliding_window_layers_are_refused():
     assert SegmentedKVCache.supports((None, None)) and not SegmentedKVCache.supports((None, 4))
 
 
+def _cache_copies(hlo: str, cfg, length: int) -> list[str]:
+    """Lines of compiled HLO that copy a whole [1, KVH, length, D] cache buffer."""
+    cache_shape = "f32[1,%d,%d,%d]" % (cfg.num_kv_heads, length, cfg.head_dim)
+    assert hlo.count(cache_shape) > 0, "the cache buffers are not in this program"
+    copy_of_cache = re.compile(r"= " + re.escape(cache_shape) + r"\{[^}]*\} copy\(")
+    return [line for line in hlo.splitlines() if copy_of_cache.search(line)]
+
+
 def test_compiled_decode_loop_never_copies_the_cache(model):
     _, params, cfg = model
     sampling = SamplingParams.create(0.0, 0, 1.0, 1.0)
@@ -95,7 +104,30 @@ def test_compiled_decode_loop_never_copies_the_cache(model):
                                       engine.make_rng(0), jnp.asarray([-1]), cfg=cfg)
     hlo = engine.decode_chunk.lower(params, state, sampling, jnp.asarray([-1]), jnp.int32(8), cfg=cfg,
                                     chunk=8).compile().as_text()
-    cache_shape = "f32[1,%d,%d,%d]" % (cfg.num_kv_heads, 128, cfg.head_dim)
-    copy_of_cache = re.compile(r"= " + re.escape(cache_shape) + r"\{[^}]*\} copy\(")
-    copies = [line for line in hlo.splitlines() if copy_of_cache.search(line)]
-    assert hlo.count(cache_shape) > 0 and copies == []
+    assert _cache_copies(hlo, cfg, 128) == []
+
+
+@struct.dataclass
+class _AttendAfterWrite(ContiguousKVCache):
+    """The pattern the segment exists to avoid: attention reads the buffer the step just wrote."""
+
+    def append(self, layer, k, v, positions):
+        cache, _ = super().append(layer, k, v, positions)
+        return cache, (KVPart(cache.k[layer], cache.v[layer], positions + 1, query_offset=-1),)
+
+
+def test_copy_check_catches_a_loop_that_copies_the_cache(model):
+    """Positive control for the check above: a decode loop attending over the just-written cache."""
+    _, params, cfg = model
+    cache = engine.new_cache(cfg, 1, 128)
+    cache = _AttendAfterWrite(k=cache.k, v=cache.v)
+
+    @jax.jit
+    def loop(params, cache):
+        def body(i, carry):
+            cache, token = carry
+            logits, cache = llama.decode(params, cfg, token, jnp.reshape(16 + i, (1,)), cache)
+            return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.lax.fori_loop(0, 8, body, (cache, jnp.zeros((1,), jnp.int32)))
+
+    assert len(_cache_copies(loop.lower(params, cache).compile().as_text(), cfg, 128)) > 0

@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 
 from ruvllm_jax.errors import AdapterError, ConfigError
-from lora_fixtures import lora_backend  # noqa: F401 (fixture)
 from ruvllm_jax.lora import AdaptFeedback, MicroLoRA, MicroLoraConfig, TargetModule, functional
 
 
 def _same_state(a, b) -> bool:
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True))
 
 
 def test_for_hidden_dim_is_rank2_alpha4_on_q_and_v():
@@ -27,6 +26,13 @@ def test_for_hidden_dim_is_rank2_alpha4_on_q_and_v():
 def test_rank_not_positive_raises_config_error_naming_it(rank):
     with pytest.raises(ConfigError, match=f"rank must be a positive integer, got {rank}"):
         MicroLoraConfig(in_features=8, out_features=8, rank=rank)
+
+
+def test_unknown_optimizer_raises_config_error_in_the_facade_and_the_functional_layer():
+    with pytest.raises(ConfigError, match="optimizer must be one of .*got 'rmsprop'"):
+        MicroLoRA(MicroLoraConfig.for_hidden_dim(8), optimizer="rmsprop")
+    with pytest.raises(ConfigError, match="optimizer must be one of .*got 'rmsprop'"):
+        functional.init(jax.random.PRNGKey(0), {"q": (8, 8)}, 1, 2, 4.0, optimizer="rmsprop")
 
 
 def test_research_ranks_above_two_are_allowed():
@@ -86,8 +92,9 @@ def test_adapt_gradient_is_that_of_advantage_times_g_dot_lora_output():
     lora = MicroLoRA.new(cfg)
     rng = np.random.default_rng(3)
     b = rng.normal(size=(2, 3)).astype(np.float32)
-    lora.state = lora.state.replace(params={"layers": ({"k": {"A": lora.state.params["layers"][0]["k"]["A"], "B": b}},)})
-    a = np.asarray(lora.state.params["layers"][0]["k"]["A"])
+    a = lora.state.params["layers"][0]["k"]["A"]
+    lora.state = lora.state.replace(params={"layers": ({"k": {"A": a, "B": b}},)})
+    a = np.asarray(a)
     x, g = rng.normal(size=5).astype(np.float32), rng.normal(size=3).astype(np.float32)
     lora.adapt(x, AdaptFeedback(quality=0.5, gradient_estimate=g, reward=-2.0))
     got = lora.state.grad["layers"][0]["k"]

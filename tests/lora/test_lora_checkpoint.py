@@ -26,12 +26,12 @@ def test_orbax_round_trip_is_bit_identical(tmp_path, optimizer):
     other = MicroLoRA(MicroLoraConfig.for_hidden_dim(16), seed=99, optimizer=optimizer)
     ewc2 = other.restore(str(tmp_path / "ck"))
     assert jax.tree.structure(other.state) == jax.tree.structure(lora.state)
-    for a, b in zip(jax.tree.leaves(other.state), jax.tree.leaves(lora.state)):
+    for a, b in zip(jax.tree.leaves(other.state), jax.tree.leaves(lora.state), strict=True):
         assert np.asarray(a).dtype == np.asarray(b).dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert set(ewc2) == {TargetModule.QProj, TargetModule.VProj}
     for m in ewc:
-        for a, b in zip(jax.tree.leaves(ewc2[m]), jax.tree.leaves(ewc[m])):
+        for a, b in zip(jax.tree.leaves(ewc2[m]), jax.tree.leaves(ewc[m]), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert other.stats() == lora.stats()
 

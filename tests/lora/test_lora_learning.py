@@ -3,12 +3,13 @@ was learned, and adaptation changes the text greedy generation writes (without r
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_fixtures import lora_backend  # noqa: F401 (fixture)
 from ruvllm_jax.backend import engine
 from ruvllm_jax.lora import AdaptFeedback, MicroLoRA, TargetModule, objective
 from ruvllm_jax.models import llama
@@ -197,6 +198,6 @@ def test_gradient_checkpointing_rematerializes_and_gives_the_same_gradients(lora
     j1, g1 = objective.sequence_gradients(*args, cfg=cfg, remat=True)
     np.testing.assert_allclose(float(j1), float(j0), rtol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g0)
-    jaxprs = {remat: str(jax.make_jaxpr(lambda *a: objective.sequence_gradients(*a, cfg=cfg, remat=remat))(*args))
+    jaxprs = {remat: str(jax.make_jaxpr(functools.partial(objective.sequence_gradients, cfg=cfg, remat=remat))(*args))
               for remat in (False, True)}
     assert "remat" in jaxprs[True] and "remat" not in jaxprs[False]  # the rematerialized backward

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_hf_model, rng_tokens, save_hf_model
 from ruvllm_jax.errors import AdapterError
 from ruvllm_jax.lora import ALL_MODULES, MicroLoRA
 from ruvllm_jax.models import llama, loader
+from ruvllm_jax.testing import build_hf_model, rng_tokens, save_hf_model
 
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -81,7 +81,7 @@ def test_our_export_loads_in_peft_with_the_same_logits(base, tmp_path):
     assert np.max(np.abs(got - np.asarray(llama.forward(params, cfg, jnp.asarray(tokens))))) > 1e-2
     np.testing.assert_allclose(got, want, atol=1e-4)
     again = MicroLoRA.from_peft(str(tmp_path), cfg)
-    for x, y in zip(jax.tree.leaves(again.state.params), jax.tree.leaves(lora.state.params)):
+    for x, y in zip(jax.tree.leaves(again.state.params), jax.tree.leaves(lora.state.params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 

@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import build_hf_model, rng_tokens, save_hf_model
 from transformers import GenerationConfig
 
 from ruvllm_jax.backend.jax_backend import JaxBackend
 from ruvllm_jax.cache import ContiguousKVCache
 from ruvllm_jax.models import llama, loader
+from ruvllm_jax.testing import build_hf_model, rng_tokens, save_hf_model
 from ruvllm_jax.types import GenerateParams
 
 ATOL = 1e-4

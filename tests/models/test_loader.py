@@ -16,13 +16,13 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import build_hf_model, save_hf_model
 from safetensors.numpy import load_file, save_file
 
 from ruvllm_jax.backend.jax_backend import JaxBackend
 from ruvllm_jax.errors import ModelError, NotFoundError
 from ruvllm_jax.models import loader
 from ruvllm_jax.models.config import LlamaConfig
+from ruvllm_jax.testing import build_hf_model, save_hf_model
 
 
 def hf_state(model) -> dict[str, np.ndarray]:
@@ -74,7 +74,7 @@ def test_sharded_checkpoint_loads_identically(llama_dir, tmp_path):
     cfg = loader.load_config(sharded)
     a, b = loader.load_params(sharded, cfg), loader.load_params(folder, cfg)
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 

@@ -35,7 +35,7 @@ def _leaves(state):
 def _assert_same(a, b):
     la, lb = _leaves(a), _leaves(b)
     assert len(la) == len(lb)
-    for x, y in zip(la, lb):
+    for x, y in zip(la, lb, strict=True):
         np.testing.assert_array_equal(x, y)
 
 

@@ -10,7 +10,7 @@ import pytest
 from ruvllm_jax.errors import ConfigError
 from ruvllm_jax.models import llama
 from ruvllm_jax.models.config import LlamaConfig
-from ruvllm_jax.training import eval as reval
+from ruvllm_jax.training import scoring
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, max_position_embeddings=16)
@@ -21,10 +21,12 @@ def params():
     return llama.init_params(CFG, jax.random.PRNGKey(0), std=0.3)
 
 
-@pytest.mark.parametrize("n,context,stride", [(2, 16, 8), (16, 16, 8), (17, 16, 8), (50, 16, 5), (50, 16, 15), (40, 8, 1)])
+@pytest.mark.parametrize(
+    "n,context,stride", [(2, 16, 8), (16, 16, 8), (17, 16, 8), (50, 16, 5), (50, 16, 15), (40, 8, 1)]
+)
 def test_windows_score_each_target_exactly_once(n, context, stride):
     counts = np.zeros(n, int)
-    for b, e, first in reval.sliding_windows(n, context, stride):
+    for b, e, first in scoring.sliding_windows(n, context, stride):
         assert e - b <= context and b < first <= e
         counts[first:e] += 1
     np.testing.assert_array_equal(counts[1:], 1)
@@ -33,7 +35,7 @@ def test_windows_score_each_target_exactly_once(n, context, stride):
 @pytest.mark.parametrize("stride", [0, 16, 17])
 def test_stride_must_leave_left_context(stride):
     with pytest.raises(ConfigError):
-        reval.sliding_windows(50, 16, stride)
+        scoring.sliding_windows(50, 16, stride)
 
 
 def test_stride_one_matches_per_token_brute_force(params):
@@ -47,7 +49,7 @@ def test_stride_one_matches_per_token_brute_force(params):
     want = -sum(float(first[t - 1, ids[t]]) for t in range(1, context))
     for t in range(context, len(ids)):
         want -= float(fwd(params, jnp.asarray(ids[None, t - context + 1:t + 1]))[0, -2, ids[t]])
-    got, n = reval.score_text(params, CFG, ids, context, 1, batch_size=4)
+    got, n = scoring.score_text(params, CFG, ids, context, 1, batch_size=4)
     assert n == len(ids) - 1
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
@@ -56,7 +58,7 @@ def test_one_window_equals_full_forward_and_strides_agree_roughly(params):
     ids = np.random.default_rng(1).integers(0, CFG.vocab_size, 16).astype(np.int32)
     logp = jax.nn.log_softmax(llama.forward(params, CFG, jnp.asarray(ids[None])), axis=-1)[0]
     want = -float(jnp.sum(logp[jnp.arange(15), ids[1:]]))
-    got, n = reval.score_text(params, CFG, ids, 16, 8)
+    got, n = scoring.score_text(params, CFG, ids, 16, 8)
     assert n == 15
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
@@ -64,5 +66,5 @@ def test_one_window_equals_full_forward_and_strides_agree_roughly(params):
 def test_byte_count_is_of_the_scored_tokens(params):
     ids = np.array([3, 5, 7, 9], np.int32)
     lengths = np.arange(CFG.vocab_size)
-    _, n, n_bytes = reval.score_text(params, CFG, ids, 16, 8, byte_lengths=lengths)
+    _, n, n_bytes = scoring.score_text(params, CFG, ids, 16, 8, byte_lengths=lengths)
     assert (n, n_bytes) == (3, 5 + 7 + 9)
