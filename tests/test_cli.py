@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
+import numpy as np
+
 from ruvllm_jax import GenerateParams, JaxBackend
 from ruvllm_jax.cli import main, stream_generation
+from ruvllm_jax.models import llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,25 +28,51 @@ def test_stream_generation_writes_prompt_then_the_generated_text(llama_dir):
     backend.load_model(folder)
     assert text == backend.generate("To be", params)
     assert out.getvalue() == "To be" + text + "\n"
-    assert "params on cpu" in err.getvalue()
+    assert f"params on {backend.device()}" in err.getvalue()
 
 
-def test_console_script_generate_command(llama_dir, capsys):
+def _expected(folder: str, prompt: str, params: GenerateParams) -> str:
+    """What the library itself generates for these parameters: the oracle for the entry points."""
+    backend = JaxBackend.new()
+    backend.load_model(folder)
+    return prompt + backend.generate(prompt, params) + "\n"
+
+
+def test_console_script_generate_command_uses_every_flag(llama_dir, capsys):
     _, folder = llama_dir
-    assert main(["generate", "--model", folder, "--prompt", "or not", "--max-tokens", "5", "--seed", "3"]) == 0
-    assert capsys.readouterr().out.startswith("or not")
+    flags = ["--max-tokens", "9", "--seed", "3", "--temperature", "0.7", "--top-k", "40", "--top-p", "0.9",
+             "--repetition-penalty", "1.2"]
+    assert main(["generate", "--model", folder, "--prompt", "or not", *flags]) == 0
+    out = capsys.readouterr().out
+    params = GenerateParams(max_tokens=9, seed=3, temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.2)
+    assert out == _expected(folder, "or not", params)
+    # The flags change the text, so the comparison above would catch one that is ignored.
+    for other in (params.replace(seed=4), params.replace(max_tokens=5), params.replace(temperature=0.0)):
+        assert out != _expected(folder, "or not", other)
+
+
+def _config_defaults():
+    spec = importlib.util.spec_from_file_location("generate_config", os.path.join(REPO, "configs", "generate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def test_experiment_script_reads_config_overrides(llama_dir):
     _, folder = llama_dir
     proc = subprocess.run(
         [sys.executable, "experiments/generate.py", "--config=configs/generate.py", f"--config.model={folder}",
-         "--config.prompt=To be", "--config.max_tokens=6", "--config.temperature=0"],
+         "--config.prompt=To be", "--config.max_tokens=7", "--config.temperature=0.6", "--config.seed=5",
+         "--config.top_k=30"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith("To be")
-    assert "params on cpu" in proc.stderr
+    c = _config_defaults()
+    params = GenerateParams(max_tokens=7, temperature=0.6, top_p=c.top_p, top_k=30,
+                            repetition_penalty=c.repetition_penalty, seed=5)
+    assert proc.stdout == _expected(folder, "To be", params)
+    assert proc.stdout != _expected(folder, "To be", params.replace(seed=6))
+    assert "params on" in proc.stderr
     assert "Unable to initialize backend" not in proc.stderr  # absl's default verbosity keeps jax quiet
 
 
@@ -121,3 +152,19 @@ def test_train_script_runs_a_few_steps_and_exports_a_loadable_folder(tmp_path):
     backend.load_model(str(export))
     assert backend.model_info().num_layers == 1
     assert isinstance(backend.generate("ROMEO:", GenerateParams(max_tokens=4, seed=0)), str)
+    # transformers reads the folder too: the stated dtype is the stored one, and the logits agree.
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    with safe_open(str(export / "model.safetensors"), "pt") as f:
+        stored = {f.get_slice(name).get_dtype() for name in f.keys()}
+    stated = json.loads((export / "config.json").read_text())["torch_dtype"]
+    assert stored == {{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[stated]}
+    hf = AutoModelForCausalLM.from_pretrained(str(export), dtype="auto").eval()
+    assert str(hf.dtype) == f"torch.{stated}"
+    tokens = np.random.default_rng(0).integers(0, 300, size=(1, 20))
+    with torch.no_grad():
+        ref = hf.float()(torch.tensor(tokens)).logits.numpy()
+    ours = llama.forward(backend.params, backend.config, jnp.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)

@@ -15,10 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ruvllm_jax.assets import DEFAULT_MODEL_PATH, WEIGHTS_SHA256
+from ruvllm_jax.backend import JaxBackend
 from ruvllm_jax.cache import ContiguousKVCache
 from ruvllm_jax.models import llama
 from ruvllm_jax.models.loader import load_config, load_params
 from ruvllm_jax.training import bpe, data, scoring
+from ruvllm_jax.types import GenerateParams
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
@@ -109,11 +111,6 @@ def test_greedy_continuation_matches_transformers_generate(model, tok, hf_model)
         gen = hf_model.generate(torch.tensor(ids[None].astype(np.int64)), do_sample=False, max_new_tokens=N_NEW,
                                 min_new_tokens=N_NEW, pad_token_id=cfg.eos_token_ids[0])
     assert gen[0, len(ids):].tolist() == ours
-    try:
-        from ruvllm_jax.backend import JaxBackend
-        from ruvllm_jax.types import GenerateParams
-    except ImportError:
-        return
     backend = JaxBackend()
     backend.load_model(DEFAULT_MODEL_PATH)
     got = backend.generate_tokens(ids.tolist(), GenerateParams(max_tokens=N_NEW, temperature=0.0,

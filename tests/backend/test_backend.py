@@ -91,7 +91,7 @@ def test_memory_stats_count_real_bytes(backend, llama_dir):
     cfg = model.config
     # prompt + 4 tokens -> the smallest cache bucket (64 positions), K and V, every layer, f32.
     assert stats.cache_bytes == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 64 * 16 * 4
-    assert stats.total_bytes == stats.params_bytes + stats.cache_bytes and stats.device == "cpu"
+    assert stats.total_bytes == stats.params_bytes + stats.cache_bytes and stats.device == str(backend.device())
 
 
 @pytest.mark.parametrize("hf_model_dir", ["qwen2"], indirect=True)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
@@ -39,7 +39,10 @@ from ruvllm_jax.types import GenerateParams
 # A few fixed shapes: each new shape costs a compile, which dominates the runtime otherwise.
 BATCHES = st.sampled_from([1, 3])
 VOCABS = st.sampled_from([2, 37, 300])
-HYP = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Derandomized (a seed derived from each test) with no example database, as the kernel tests do,
+# so a CI run tests the same examples every time and cannot flake on a new draw.
+HYP = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+               suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture(params=["small_cap", "default_cap"])
@@ -206,6 +209,7 @@ def test_top_k_top_p_large_vocab_matches_hf(scale, top_k):
     top_p=st.sampled_from([0.05, 0.5, 0.9, 1.0]),
     penalty=st.sampled_from([1.0, 0.8, 1.3]),
 )
+@example(seed=0, b=3, v=300, temperature=1.0, k_frac=0.1, top_p=1.0, penalty=1.0)  # top-k alone must bite
 def test_chain_matches_hf(jitted, seed, b, v, temperature, k_frac, top_p, penalty):
     rng = np.random.default_rng(seed)
     x = _logits(seed, b, v)
@@ -222,9 +226,13 @@ def test_chain_matches_hf(jitted, seed, b, v, temperature, k_frac, top_p, penalt
     if k:
         ref = TopKLogitsWarper(k)(tids, ref)
     before_p = ref.numpy().copy()
+    near = None
     if top_p < 1.0:
         ref = TopPLogitsWarper(top_p)(tids, ref)
-    near = np.abs(_hf_cum_at_token(before_p) - (1 - np.float32(top_p))) < 1e-5
+        # Rounding may flip a token right on the 1 - top_p boundary. Only tokens top-k kept can sit
+        # there: a removed one has probability 0 and, at top_p = 1, cumulative mass 0 = 1 - top_p,
+        # so without the isfinite a chain that skipped top-k would pass.
+        near = np.isfinite(before_p) & (np.abs(_hf_cum_at_token(before_p) - (1 - np.float32(top_p))) < 1e-5)
     _assert_same_filtered(ours, ref.numpy(), allowed_mismatch=near)
 
 

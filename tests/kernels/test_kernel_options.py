@@ -26,7 +26,9 @@ def test_options_are_static_and_validated():
     a, b = KernelOptions(impl="pallas", interpret=True), KernelOptions(impl="pallas", interpret=True)
     assert a == b and hash(a) == hash(b)  # usable as a static jit argument
     assert KernelOptions(impl="xla").impl == "jnp"  # the older spelling of the jnp path
-    assert KernelOptions().path() == "jnp"  # "auto" on CPU
+    platform = jax.default_backend()
+    assert KernelOptions().path() == {"cpu": "jnp", "tpu": "mosaic"}.get(platform, "triton")
+    assert KernelOptions().path(has_mosaic=False) == {"cpu": "jnp", "tpu": "jnp"}.get(platform, "triton")
     assert KernelOptions(impl="pallas", interpret=True).path() == "triton"
     assert KernelOptions(impl="pallas", interpret=True, pallas_backend="mosaic").path() == "mosaic"
     with pytest.raises(ConfigError, match="impl must be one of"):
@@ -35,8 +37,9 @@ def test_options_are_static_and_validated():
         KernelOptions(pallas_backend="cudnn")
     with pytest.raises(ConfigError, match="interpret must be a bool"):
         KernelOptions(interpret="yes")
-    with pytest.raises(ConfigError, match="cannot compile on the 'cpu' backend"):
-        KernelOptions(impl="pallas").path()
+    if platform != "tpu":
+        with pytest.raises(ConfigError, match=f"cannot compile on the '{platform}' backend"):
+            KernelOptions(impl="pallas", pallas_backend="mosaic").path()
     with pytest.raises(ConfigError, match="FlashBlockSizes.block_q must be a positive int, got 0"):
         BlockSizes(flash=FlashBlockSizes(block_q=0))
 

@@ -8,6 +8,8 @@ token-identical to `model.generate`.
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,7 @@ from ruvllm_jax.backend.jax_backend import JaxBackend
 from ruvllm_jax.cache import ContiguousKVCache
 from ruvllm_jax.models import llama, loader
 from ruvllm_jax.testing import build_hf_model, rng_tokens, save_hf_model
-from ruvllm_jax.types import GenerateParams
+from ruvllm_jax.types import GenerateParams, ModelConfig, Precision
 
 ATOL = 1e-4
 SEQ = 24  # > 3x Mistral's sliding window of 8
@@ -110,6 +112,56 @@ def test_greedy_generation_is_token_identical(hf_model_dir, backend, penalty):
     expected = hf_greedy(model, ids, 32, penalty)
     assert ours == expected
     assert len(ours) >= 8  # a too-early EOS would make this comparison weak
+
+
+@pytest.mark.parametrize("chunk", [32, 7])
+def test_long_greedy_generation_across_decode_chunks_is_token_identical(hf_model_dir, chunk):
+    """120 new tokens: several decode chunks (segments opened and closed; for Mistral, the sliding
+    window crossed many times), at the default chunk size and at an odd one."""
+    _, model, folder = hf_model_dir
+    b = JaxBackend.new()
+    b.load_model(folder)
+    b.decode_chunk_size = chunk
+    b.eos_token_ids = ()  # compare all 120 tokens: transformers is told of no EOS either
+    ids = [0] + rng_tokens(9, seed=8)[0].tolist()
+    ours = b.generate_tokens(ids, GenerateParams(max_tokens=120, temperature=0.0, repetition_penalty=1.0))
+    gen_cfg = GenerationConfig(bos_token_id=0, pad_token_id=1, do_sample=False, max_new_tokens=120)
+    model_eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None  # generate() would fill an unset EOS in from here
+    try:
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([ids]), generation_config=gen_cfg)[0, len(ids):].tolist()
+    finally:
+        model.generation_config.eos_token_id = model_eos
+    assert len(expected) == 120
+    assert ours == expected
+
+
+# Relative to the largest |logit|: transformers computing every op in the half dtype vs ours, which
+# stores the weights in it and computes in float32 (bf16 keeps 8 mantissa bits, fp16 11).
+HALF_PRECISIONS = [(Precision.BF16, torch.bfloat16, 0.05), (Precision.FP16, torch.float16, 0.01)]
+JAX_DTYPES = {torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}
+
+
+@pytest.mark.parametrize("precision, torch_dtype, native_tol", HALF_PRECISIONS, ids=["bf16", "fp16"])
+def test_half_precision_storage_matches_transformers(hf_model_dir, precision, torch_dtype, native_tol):
+    _, model, folder = hf_model_dir
+    b = JaxBackend.new()
+    b.load_model(folder, ModelConfig(quantization=precision))
+    assert {x.dtype for x in jax.tree_util.tree_leaves(b.params)} == {jnp.dtype(JAX_DTYPES[torch_dtype])}
+    tokens = rng_tokens(SEQ, seed=9)
+    ours = np.asarray(_forward(b.params, jnp.asarray(tokens), cfg=b.config))
+    # The same rounded weights computed in float32 by transformers: what we compute.
+    rounded = copy.deepcopy(model).to(torch_dtype).float()
+    np.testing.assert_allclose(ours, hf_logits(rounded, tokens), atol=ATOL, rtol=0)
+    # The rounding is real (not a float32 load in disguise) ...
+    assert np.abs(ours - hf_logits(model, tokens)).max() > ATOL
+    # ... and transformers computing natively in that dtype agrees within its own rounding.
+    native = hf_logits(copy.deepcopy(model).to(torch_dtype), tokens)
+    assert np.abs(ours - native).max() < native_tol * np.abs(native).max()
+    ids = [0] + rng_tokens(9, seed=4)[0].tolist()
+    greedy = GenerateParams(max_tokens=24, temperature=0.0, repetition_penalty=1.0)
+    assert b.generate_tokens(ids, greedy) == hf_greedy(rounded, ids, 24)
 
 
 def test_linear_rope_scaling_matches_transformers(tmp_path):

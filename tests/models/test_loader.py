@@ -231,12 +231,22 @@ class TestConfigFromDict:
                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
 
     def test_legacy_rope_scaling_keys(self):
+        """Legacy `rope_scaling: {type: linear}` parses, and its frequencies are transformers' own."""
+        from transformers import LlamaConfig as HFLlamaConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
         cfg = LlamaConfig.from_hf_dict({**self.BASE, "rope_theta": 500000.0,
                                         "rope_scaling": {"type": "linear", "factor": 4.0}})
         assert cfg.rope_type == "linear" and cfg.rope_theta == 500000.0
+        hf = HFLlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2,
+                           rope_scaling={"rope_type": "linear", "factor": 4.0, "rope_theta": 500000.0})
+        ref, _ = ROPE_INIT_FUNCTIONS["linear"](hf, "cpu")
+        assert cfg.head_dim == 8 and ref.shape == (4,)
+        np.testing.assert_allclose(cfg.inv_freq(), ref.numpy(), rtol=1e-6)
+        # transformers' current `rope_parameters` form of the same config reads the same.
+        np.testing.assert_allclose(LlamaConfig.from_hf_dict(hf.to_dict()).inv_freq(), ref.numpy(), rtol=1e-6)
         default = LlamaConfig.from_hf_dict(self.BASE)
-        np.testing.assert_allclose(cfg.inv_freq() * 4.0, LlamaConfig.from_hf_dict(
-            {**self.BASE, "rope_theta": 500000.0}).inv_freq(), rtol=1e-6)
         assert default.rope_type == "default" and default.rope_theta == 10000.0
 
     def test_llama3_rope_matches_transformers_inv_freq(self):
