@@ -59,6 +59,57 @@ def test_unloaded_backend_refuses_to_generate():
             call()
 
 
+def test_unload_forgets_the_model_and_a_reload_generates_the_same(backend, llama_dir):
+    _, folder = llama_dir
+    b = JaxBackend.new()
+    b.load_model(folder)
+    ids = b.tokenizer().encode(PROMPT)
+    first = b.generate_tokens(ids, GREEDY)
+    b.unload()
+    assert not b.is_loaded() and b.model_info() is None and b.tokenizer() is None
+    assert b.memory_stats().params_bytes == 0
+    with pytest.raises(InvalidOperationError, match="load_model"):
+        b.generate_tokens(ids, GREEDY)
+    b.load_model(folder)
+    assert b.generate_tokens(ids, GREEDY) == first == backend.generate_tokens(ids, GREEDY)
+
+
+def test_a_folder_without_tokenizer_generates_token_ids(backend, llama_dir, tmp_path):
+    _, folder = llama_dir
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare)
+    os.remove(bare / "tokenizer.json")
+    b = JaxBackend.new()
+    b.load_model(str(bare))
+    assert b.tokenizer() is None
+    ids = backend.tokenizer().encode(PROMPT)
+    assert b.generate_tokens(ids, GREEDY) == backend.generate_tokens(ids, GREEDY)
+    with pytest.raises(TokenizationError, match="no tokenizer.json; pass token ids to generate_tokens"):
+        b.generate(PROMPT, GREEDY)
+
+
+def test_adapters_setter_attaches_and_detaches(llama_dir):
+    from ruvllm_jax.lora import MicroLoRA
+
+    _, folder = llama_dir
+    b = JaxBackend.new()
+    b.load_model(folder)
+    ids = b.tokenizer().encode(PROMPT)
+    plain = b.generate_tokens(ids, GREEDY)
+    lora = MicroLoRA.for_model(b.config, rank=2, seed=0)
+    keys = iter(jax.random.split(jax.random.PRNGKey(1), 64))
+    lora.state = lora.state.replace(
+        params=jax.tree.map(lambda p: p + 0.5 * jax.random.normal(next(keys), p.shape), lora.state.params))
+    b.adapters = lora
+    assert b.adapters is not None and set(b.adapters) == set(lora.adapters)
+    adapted = b.generate_tokens(ids, GREEDY)
+    assert adapted != plain  # large random adapters change the greedy text
+    b.adapters = lora.adapters  # a plain pytree works the same
+    assert b.generate_tokens(ids, GREEDY) == adapted
+    b.adapters = None
+    assert b.adapters is None and b.generate_tokens(ids, GREEDY) == plain
+
+
 def test_backend_satisfies_the_protocol_and_devices(backend):
     assert isinstance(backend, LlmBackend)
     assert backend.is_loaded()
