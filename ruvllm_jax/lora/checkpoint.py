@@ -14,7 +14,7 @@ from typing import Mapping, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from ruvllm_jax.errors import AdapterError
+from ruvllm_jax.errors import AdapterError, RuvLLMError
 from ruvllm_jax.lora import ewc as ewc_lib
 from ruvllm_jax.lora import functional as F
 
@@ -50,12 +50,26 @@ def save(directory: str, state: F.LoraState, ewc_states: Optional[Mapping[str, e
         json.dump(meta, f)
 
 
+def _shapes(tree) -> list[tuple[tuple[int, ...], str]]:
+    return sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
+
+
 def restore(directory: str) -> tuple[F.LoraState, dict[str, ewc_lib.EwcState]]:
     directory = os.path.abspath(directory)
     meta_path = os.path.join(directory, _META)
     if not os.path.isfile(meta_path):
         raise AdapterError(f"{directory!r} is not a MicroLoRA checkpoint (no {_META})")
-    with open(meta_path) as f:
+    try:
+        return _restore(directory, meta_path)
+    except RuvLLMError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, missing or corrupt files
+        raise AdapterError(f"{directory!r} holds a corrupt or partial MicroLoRA checkpoint: "
+                           f"{type(e).__name__}: {e}") from e
+
+
+def _restore(directory: str, meta_path: str) -> tuple[F.LoraState, dict[str, ewc_lib.EwcState]]:
+    with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
     dims = {k: tuple(v) for k, v in meta["dims"].items()}
     template_state = F.init(jax.random.PRNGKey(0), dims, meta["num_layers"], meta["rank"], float(meta["rank"]),
@@ -63,7 +77,13 @@ def restore(directory: str) -> tuple[F.LoraState, dict[str, ewc_lib.EwcState]]:
                             optimizer=meta["optimizer"])
     template_ewc = {k: ewc_lib.init(template_state.params, k) for k in meta["ewc"]}
     template = jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(template_state, template_ewc))
-    tree = ocp.StandardCheckpointer().restore(os.path.join(directory, "state"), template)
+    path = os.path.join(directory, "state")
+    with ocp.StandardCheckpointer() as ckptr:
+        # Check the stored arrays against meta.json first: a failed read in orbax leaves reads in flight.
+        if _shapes(ckptr.metadata(path).item_metadata) != _shapes(template):
+            raise AdapterError(f"{directory!r} holds a corrupt or partial MicroLoRA checkpoint: its arrays do not "
+                               f"match {_META} {meta}")
+        tree = ckptr.restore(path, template)
     lora = tree["lora"]
     state = template_state.replace(**{k: lora[k] for k in lora})
     ewc_states = {k: ewc_lib.EwcState(fisher=e["fisher"], anchor=e["anchor"], fisher_updates=e["fisher_updates"])

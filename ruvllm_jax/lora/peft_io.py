@@ -39,6 +39,8 @@ _PLAIN = {
 
 
 def check_config(cfg: dict) -> None:
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"adapter_config.json must hold a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"peft_type {cfg.get('peft_type')!r} is not supported; only LORA is")
     bad = {k: cfg[k] for k, plain in _PLAIN.items() if k in cfg and cfg[k] not in plain}
@@ -57,10 +59,16 @@ def load(folder: str, model_cfg) -> tuple[dict, float, int, float, tuple[TargetM
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
             raise AdapterError(f"{p!r} does not exist: not a PEFT adapter folder")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{cfg_path!r} is not valid JSON: {e}") from None
     check_config(cfg)
-    rank, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", 8))
+    alpha = cfg.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha):
+        raise AdapterError(f"adapter_config.json lora_alpha must be a finite number, got {alpha!r}")
+    rank, alpha = int(cfg["r"]), float(alpha)
     dims = module_dims(model_cfg)
     st = SafetensorsFile(w_path)
     found: dict[tuple[int, TargetModule], dict[str, np.ndarray]] = {}
@@ -88,6 +96,8 @@ def load(folder: str, model_cfg) -> tuple[dict, float, int, float, tuple[TargetM
         for m in targets:  # a layer PEFT left out (layers_to_transform) gets a zero adapter
             d_in, d_out = dims[m]
             got = found.get((i, m), {})
+            if len(got) == 1:
+                raise AdapterError(f"layer {i} {m.peft_name} has lora_{next(iter(got))} but not its pair in {w_path!r}")
             layer[m.key] = {"A": got.get("A", np.zeros((d_in, rank), np.float32)),
                             "B": got.get("B", np.zeros((rank, d_out), np.float32))}
         layers.append(layer)

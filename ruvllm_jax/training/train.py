@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import numbers
 import os
 import time
 from typing import Any, Callable, Optional
@@ -23,6 +25,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from ruvllm_jax.errors import ConfigError
 from ruvllm_jax.models import llama
 from ruvllm_jax.models.config import LlamaConfig
 from ruvllm_jax.training.data import fixed_windows, sample_windows
@@ -51,6 +54,21 @@ class OptimConfig:
     b2: float = 0.95
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+
+    def __post_init__(self):
+        def number(name: str, ok: Callable[[float], bool], want: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not ok(v):
+                raise ConfigError(f"OptimConfig.{name} must be {want}, got {v!r}")
+
+        number("peak_lr", lambda v: v >= 0, "a finite number >= 0")
+        number("end_lr_fraction", lambda v: v >= 0, "a finite number >= 0")
+        number("weight_decay", lambda v: v >= 0, "a finite number >= 0")
+        number("grad_clip", lambda v: v > 0, "a finite number > 0")
+        for name in ("b1", "b2"):
+            number(name, lambda v: 0 <= v < 1, "in [0, 1)")
+        for name in ("warmup_steps", "total_steps"):
+            number(name, lambda v: isinstance(v, numbers.Integral) and v >= 0, "an integer >= 0")
 
 
 def lr_schedule(oc: OptimConfig) -> optax.Schedule:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -142,13 +143,23 @@ def test_hebbian_on_non_square_module_raises(lora_backend):
         lora.adapt(np.ones(64, np.float32), AdaptFeedback.from_quality(0.9))
 
 
-def test_model_adapters_with_mismatched_dims_raise(lora_backend):
+def test_model_adapters_with_mismatched_dims_raise_and_leave_the_backend_as_it_was(llama_dir):
+    from ruvllm_jax.backend import JaxBackend
+
+    backend = JaxBackend()  # its own backend: the shared fixture's adapters depend on other tests
+    backend.load_model(llama_dir[1])
     with pytest.raises(AdapterError, match="do not match the model's hidden size 64"):
-        MicroLoRA(MicroLoraConfig.for_hidden_dim(32), model_config=lora_backend.config)
+        MicroLoRA(MicroLoraConfig.for_hidden_dim(32), model_config=backend.config)
     bad = MicroLoRA.new(MicroLoraConfig.for_hidden_dim(64)).adapters  # one layer; the model has two
+    assert backend.adapters is None
     with pytest.raises(AdapterError, match="adapters have 1 layers, the model has 2"):
-        lora_backend.attach_adapters(bad)
-    assert lora_backend.adapters is None
+        backend.attach_adapters(bad)
+    assert backend.adapters is None
+    good = MicroLoRA.for_model(backend.config, seed=1).adapters
+    backend.attach_adapters(good)
+    with pytest.raises(AdapterError, match="adapters have 1 layers, the model has 2"):
+        backend.attach_adapters(bad)
+    assert backend.adapters is good  # a rejected swap keeps the adapters attached before
 
 
 def test_reset_and_stats_count_what_happened():
@@ -168,11 +179,113 @@ def test_reset_and_stats_count_what_happened():
     np.testing.assert_array_equal(lora.state.params["layers"][0]["q"]["A"], a0)
 
 
-def test_functional_layer_jits_and_matches_the_facade():
+def _np_grads(a, b, scaling, x, g, adv):
+    """NumPy float64 ∇_{A,B} of adv·Σ_t <g_t, scaling·(x_t @ A) @ B> (rows of x [T, in], g [T, out])."""
+    a, b, x, g = (np.atleast_2d(np.asarray(v, np.float64)) for v in (a, b, x, g))
+    return adv * scaling * x.T @ (g @ b.T), adv * scaling * (x @ a).T @ g
+
+
+class _NpOptimizer:
+    """The documented update θ ← θ − lr·direction(loss_grad), loss_grad = −mean gradient, in float64;
+    direction: identity (SGD) or Adam's (optax defaults b1 0.9, b2 0.999, eps 1e-8)."""
+
+    def __init__(self, optimizer, params):
+        self.optimizer, self.t = optimizer, 0
+        self.m = {k: np.zeros_like(v) for k, v in params.items()}
+        self.v = {k: np.zeros_like(v) for k, v in params.items()}
+
+    def step(self, params, mean_grad, lr):
+        self.t += 1
+        out = {}
+        for k, p in params.items():
+            lg = -mean_grad[k]
+            if self.optimizer == "adam":
+                self.m[k] = 0.9 * self.m[k] + 0.1 * lg
+                self.v[k] = 0.999 * self.v[k] + 0.001 * lg ** 2
+                m_hat, v_hat = self.m[k] / (1 - 0.9 ** self.t), self.v[k] / (1 - 0.999 ** self.t)
+                lg = m_hat / (np.sqrt(v_hat) + 1e-8)
+            out[k] = p - lr * lg
+        return out
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_jitted_functional_steps_match_numpy_and_new_values_do_not_retrace(optimizer):
+    rng = np.random.default_rng(4)
+    want = {"A": rng.normal(size=(5, 2)), "B": rng.normal(size=(2, 3))}  # non-zero B: dA is non-zero
+    st = functional.from_params({"layers": ({"k": {k: v.astype(np.float32) for k, v in want.items()}},)}, 1.5,
+                                optimizer=optimizer)
+    traces = []
+
+    def step(state, x, g, reward, lr):
+        traces.append(None)  # runs once per trace, not per call
+        state = functional.adapt(state, x, g, 0.5, reward, True, modules=("k",), layer=0)
+        state = functional.adapt(state, 2.0 * x, g, 0.5, reward, True, modules=("k",), layer=0)
+        return functional.apply_updates(state, lr)
+
+    jitted = jax.jit(step)
+    ref = _NpOptimizer(optimizer, want)
+    sizes = []
+    for i in range(3):
+        x, g = rng.normal(size=(4, 5)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)
+        reward, lr = float(rng.uniform(-2, 2)), 0.05 * (i + 1)
+        st = jitted(st, jnp.asarray(x), jnp.asarray(g), reward, lr)
+        grads = [_np_grads(want["A"], want["B"], 1.5, xs, g, reward) for xs in (x, 2.0 * x)]
+        mean = {"A": (grads[0][0] + grads[1][0]) / 2, "B": (grads[0][1] + grads[1][1]) / 2}
+        want = ref.step(want, mean, lr)
+        got = st.params["layers"][0]["k"]
+        for k in ("A", "B"):
+            np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=2e-4, atol=2e-5)
+        # the module-level jits alone: new values (x, g, reward, lr) reuse the first executable
+        probe = functional.apply_updates(functional.adapt(st, jnp.asarray(x), jnp.asarray(g), 0.5, reward, True,
+                                                          modules=("k",), layer=0), lr)
+        sizes.append((functional.adapt._cache_size(), functional.apply_updates._cache_size()))
+        assert np.all(np.isfinite(np.asarray(probe.params["layers"][0]["k"]["A"])))
+    assert len(traces) == 1 and jitted._cache_size() == 1
+    assert sizes[0] == sizes[-1], sizes
+    assert (int(st.pending), int(st.samples), int(st.updates)) == (0, 6, 3)
+
+
+def test_facade_hebbian_step_is_the_numpy_update_on_every_fitting_module():
+    rng = np.random.default_rng(5)
     lora = MicroLoRA.new(MicroLoraConfig.for_hidden_dim(8))
-    x = np.linspace(0, 1, 8).astype(np.float32)
-    st = functional.adapt(lora.state, x, None, 0.9, modules=("q", "v"), layer=0)
-    st = functional.apply_updates(st, 0.1)
-    lora.adapt(x, AdaptFeedback.from_quality(0.9))
+    start = {m: {"A": rng.normal(size=(8, 2)), "B": rng.normal(size=(2, 8))} for m in ("q", "v")}
+    lora.state = functional.from_params({"layers": ({m: {k: v.astype(np.float32) for k, v in p.items()}
+                                                      for m, p in start.items()},)}, 2.0)
+    x = np.linspace(-1, 1, 8).astype(np.float32)
+    lora.adapt(x, AdaptFeedback.from_quality(0.9))  # advantage 0.9 - 0.5, g = x, on q and v
+    lora.adapt(-x, AdaptFeedback.from_quality(0.2))  # advantage 0.2 - (0.9·0.5 + 0.1·0.9)
     lora.apply_updates(0.1)
-    assert _same_state(st, lora.state)
+    for m, p in start.items():
+        grads = [_np_grads(p["A"], p["B"], 2.0, xs, xs, adv) for xs, adv in ((x, 0.4), (-x, 0.2 - 0.54))]
+        for j, k in enumerate(("A", "B")):
+            want = p[k] + 0.1 * (grads[0][j] + grads[1][j]) / 2
+            np.testing.assert_allclose(np.asarray(lora.state.params["layers"][0][m][k]), want, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_masks_the_adapt_input_with_inverted_scaling_and_never_the_forward():
+    """PEFT's lora_dropout: B(A(dropout(x))) while training, identity at inference. Ours: `adapt`
+    sees x·mask/(1 − p) (mask ~ Bernoulli(1 − p), fresh each call); forward never drops."""
+    p, d = 0.25, 256
+    rng = np.random.default_rng(6)
+    a, b = rng.normal(size=(d, 1)).astype(np.float32), rng.normal(size=(1, 3)).astype(np.float32)
+    x, g = rng.normal(size=d).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    lora = MicroLoRA.new(MicroLoraConfig(in_features=d, out_features=3, rank=1, alpha=1.0, dropout=p,
+                                         target_modules=("k",)))
+    assert lora.state.dropout == p
+    lora.state = lora.state.replace(params=jax.device_put({"layers": ({"k": {"A": a, "B": b}},)}))
+    want_out = (x.astype(np.float64) @ a) @ b
+    for _ in range(2):  # inference: the same, exact output every call
+        np.testing.assert_allclose(np.asarray(lora.forward(x, "k")), want_out, rtol=1e-5)
+    masks = []
+    for _ in range(2):
+        lora.adapt(x, AdaptFeedback(quality=0.5, gradient_estimate=g, reward=1.0))
+        got = lora.state.grad["layers"][0]["k"]
+        x_seen = np.asarray(got["A"])[:, 0] / float(b[0] @ g)  # dA = outer(x_seen, B @ g) at adv 1, scaling 1
+        kept = x_seen != 0
+        np.testing.assert_allclose(x_seen[kept], x[kept] / (1 - p), rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(got["B"]), np.outer(x_seen @ a, g), rtol=1e-4, atol=1e-5)
+        assert 0.6 < kept.mean() < 0.9, kept.mean()
+        masks.append(kept)
+        lora.apply_updates(0.0)  # clears the accumulators, moves nothing
+    assert not np.array_equal(masks[0], masks[1])  # a fresh mask per call
+    np.testing.assert_allclose(np.asarray(lora.forward(x, "k")), want_out, rtol=1e-5)
