@@ -25,6 +25,32 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+# Sampling parameters run as float32 on device: a value float32 cannot hold would silently become
+# inf (above the max) or 0 (below the smallest normal, which XLA may flush), changing its meaning.
+_F32_MAX = 3.4028234663852886e38
+_F32_MIN_NORMAL = 2.0**-126
+
+SEED_LIMIT = 2**64
+"""Seeds are ints in [0, SEED_LIMIT): every one gives its own random stream."""
+
+
+def _as_float(x) -> Optional[float]:
+    """`x` as a float when it is a real number float() can hold (not NaN), else None."""
+    if not _is_real(x):
+        return None
+    try:
+        f = float(x)
+    except (OverflowError, ValueError, TypeError):  # ints beyond 1.8e308
+        return None
+    return None if math.isnan(f) else f
+
+
+def _positive_f32(x) -> bool:
+    """A real number in [smallest normal float32, largest float32]."""
+    f = _as_float(x)
+    return f is not None and _F32_MIN_NORMAL <= f <= _F32_MAX
+
+
 class Precision(enum.Enum):
     """Numeric precision of weights or KV-cache entries."""
 
@@ -88,10 +114,11 @@ class DeviceType:
     _KINDS = ("cpu", "cuda", "rocm", "tpu", "metal")
 
     def __post_init__(self):
-        if self.kind not in self._KINDS:
+        if not isinstance(self.kind, str) or self.kind not in self._KINDS:
             raise ConfigError(f"device kind must be one of {self._KINDS}, got {self.kind!r}")
-        if self.index < 0:
-            raise ConfigError(f"device index must be >= 0, got {self.index}")
+        if not _is_int(self.index) or self.index < 0:
+            raise ConfigError(f"device index must be an int >= 0, got {self.index!r}")
+        object.__setattr__(self, "index", int(self.index))  # numpy ints hash and print as ints
 
     @staticmethod
     def Cuda(index: int = 0) -> "DeviceType":  # noqa: N802 - RuvLLM spelling
@@ -159,8 +186,12 @@ class KvCacheConfig:
 
     def __post_init__(self):
         for name in ("tail_length", "max_tokens", "num_kv_heads", "head_dim", "migration_batch"):
-            if not isinstance(getattr(self, name), numbers.Integral) or getattr(self, name) <= 0:
-                raise ConfigError(f"KvCacheConfig.{name} must be > 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ConfigError(f"KvCacheConfig.{name} must be an int > 0, got {value!r}")
+        for name in ("tail_precision", "store_precision"):
+            if not isinstance(getattr(self, name), Precision):
+                raise ConfigError(f"KvCacheConfig.{name} must be a Precision, got {getattr(self, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,15 +212,35 @@ class ModelConfig:
     hf_token: Optional[str] = None
 
     def __post_init__(self):
-        if not isinstance(self.max_context, numbers.Integral) or self.max_context <= 0:
-            raise ConfigError(f"max_context must be > 0, got {self.max_context}")
+        if not _is_int(self.max_context) or self.max_context <= 0:
+            raise ConfigError(f"max_context must be an int > 0, got {self.max_context!r}")
+        if not isinstance(self.use_flash_attention, bool):
+            raise ConfigError(f"use_flash_attention must be a bool, got {self.use_flash_attention!r}")
         if not isinstance(self.quantization, Precision):
             raise ConfigError(f"quantization must be a Precision, got {self.quantization!r}")
+        if not isinstance(self.kv_cache_config, KvCacheConfig):
+            raise ConfigError(f"kv_cache_config must be a KvCacheConfig, got {self.kv_cache_config!r}")
+        if self.device is not None and not isinstance(self.device, DeviceType):
+            raise ConfigError(
+                f"device must be a DeviceType (e.g. DeviceType.Cpu, DeviceType.Cuda(0)) or None, got {self.device!r}"
+            )
+        if self.hf_token is not None and not isinstance(self.hf_token, str):
+            raise ConfigError(f"hf_token must be a str or None, got {type(self.hf_token).__name__}")
+        object.__setattr__(self, "max_context", int(self.max_context))
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerateParams:
-    """Sampling parameters; temperature 0 means greedy. Validated on construction."""
+    """Sampling parameters; temperature 0 means greedy. Validated on construction.
+
+    - max_tokens: int >= 0 (bools are not ints).
+    - temperature: 0 (greedy) or a real in [2**-126, 3.4e38] (sampling runs in float32, so
+      anything outside would become 0 or inf); top_p: a real in (0, 1], at least 2**-126;
+      repetition_penalty: a real in [2**-126, 3.4e38] (1.0 = off).
+    - top_k: int >= 0 (0 = off); at generation it must not exceed the model's vocabulary.
+    - stop_sequences: a tuple or list of non-empty strs (one str is taken as a single stop).
+    - seed: None (fresh entropy) or an int in [0, 2**64); each seed gives its own stream.
+    """
 
     max_tokens: int = 256
     temperature: float = 0.7
@@ -200,27 +251,41 @@ class GenerateParams:
     seed: Optional[int] = None
 
     def __post_init__(self):
-        if isinstance(self.stop_sequences, (list, str)):
-            seqs = (self.stop_sequences,) if isinstance(self.stop_sequences, str) else self.stop_sequences
-            object.__setattr__(self, "stop_sequences", tuple(seqs))
         if not _is_int(self.max_tokens) or self.max_tokens < 0:
             raise ConfigError(f"max_tokens must be an int >= 0, got {self.max_tokens!r}")
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (_as_float(self.temperature) == 0.0 or _positive_f32(self.temperature)):
+            raise ConfigError(
+                f"temperature must be 0 (greedy) or a finite number in [2**-126, 3.4e38] (float32), "
+                f"got {self.temperature!r}"
+            )
+        f = _as_float(self.top_p)
+        if f is None or not (_F32_MIN_NORMAL <= f <= 1.0):
+            raise ConfigError(f"top_p must be a number in (0, 1] (at least 2**-126), got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ConfigError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
-        if (
-            not _is_real(self.repetition_penalty)
-            or not math.isfinite(self.repetition_penalty)
-            or self.repetition_penalty <= 0
-        ):
-            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if any(not isinstance(s, str) or not s for s in self.stop_sequences):
-            raise ConfigError(f"stop_sequences must be non-empty strings, got {self.stop_sequences!r}")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise ConfigError(f"seed must be a non-negative int or None, got {self.seed!r}")
+        if not _positive_f32(self.repetition_penalty):
+            raise ConfigError(
+                f"repetition_penalty must be a finite number > 0 in [2**-126, 3.4e38] (float32; 1.0 = off), "
+                f"got {self.repetition_penalty!r}"
+            )
+        stops = self.stop_sequences
+        if isinstance(stops, str):
+            stops = (stops,)
+        if not isinstance(stops, (tuple, list)):
+            raise ConfigError(
+                f"stop_sequences must be a tuple or list of non-empty strs, got {type(stops).__name__} {stops!r}"
+            )
+        bad = [s for s in stops if not isinstance(s, str) or not s]
+        if bad:
+            raise ConfigError(f"stop_sequences must be non-empty strs, got {bad[0]!r} in {tuple(stops)!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
+            raise ConfigError(f"seed must be None or an int in [0, 2**64), got {self.seed!r}")
+        # Plain Python values, so equal params hash and compare equal whatever number types built them.
+        object.__setattr__(self, "stop_sequences", tuple(stops))
+        object.__setattr__(self, "max_tokens", int(self.max_tokens))
+        object.__setattr__(self, "top_k", int(self.top_k))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", int(self.seed))
 
     def replace(self, **changes) -> "GenerateParams":
         return dataclasses.replace(self, **changes)

@@ -127,3 +127,60 @@ def test_model_config_defaults_and_validation():
 
 def test_memory_stats_total():
     assert MemoryStats(params_bytes=10, cache_bytes=5, device="cpu").total_bytes == 15
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_context", True), ("max_context", 2.0), ("max_context", -5), ("max_context", None),
+    ("use_flash_attention", "yes"), ("use_flash_attention", 1), ("use_flash_attention", None),
+    ("quantization", None), ("quantization", "fp32"),
+    ("kv_cache_config", {"tail_length": 8}), ("kv_cache_config", None),
+    ("device", "cuda"), ("device", 0), ("device", jax.devices("cpu")[0]),
+    ("hf_token", 123), ("hf_token", b"token"),
+])
+def test_model_config_field_types_are_checked(field, value):
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig(**{field: value})
+
+
+def test_model_config_accepts_its_documented_types():
+    c = ModelConfig(max_context=np.int64(64), use_flash_attention=False, device=DeviceType.Cpu, hf_token="t",
+                    kv_cache_config=KvCacheConfig(tail_length=8))
+    assert type(c.max_context) is int and c.max_context == 64 and c.device == DeviceType.Cpu
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"tail_length": True}, "tail_length"), ({"head_dim": 64.0}, "head_dim"), ({"max_tokens": "4096"}, "max_tokens"),
+    ({"tail_precision": "fp16"}, "tail_precision"), ({"store_precision": None}, "store_precision"),
+])
+def test_kv_cache_config_field_types_are_checked(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        KvCacheConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kind, index", [(None, 0), (["cpu"], 0), ("cuda", "1"), ("cuda", True), ("cuda", 1.0)])
+def test_device_type_fields_are_checked(kind, index):
+    with pytest.raises(ConfigError, match="device (kind|index)"):
+        DeviceType(kind, index)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("stop_sequences", None), ("stop_sequences", 5), ("stop_sequences", {"a"}), ("stop_sequences", ["a", None]),
+    ("seed", 2**64), ("seed", -(2**63)), ("seed", np.bool_(True)),
+    ("temperature", 10**400), ("temperature", 1e39), ("temperature", 1e-40), ("temperature", -0.0 - 1e-300),
+    ("top_p", 1e-40), ("top_p", 10**400), ("top_p", np.float64("nan")),
+    ("repetition_penalty", 1e39), ("repetition_penalty", 1e-40), ("repetition_penalty", float("inf")),
+    ("top_k", None), ("top_k", 3.0), ("max_tokens", None), ("max_tokens", 10.0),
+])
+def test_more_invalid_generate_params_are_config_errors(field, value):
+    # stop_sequences=None used to escape as a TypeError; huge ints as an OverflowError; 1e39 and
+    # 1e-40 used to pass and then become inf or 0 in float32.
+    with pytest.raises(ConfigError, match=field):
+        GenerateParams(**{field: value})
+
+
+def test_generate_params_normalize_number_types():
+    p = GenerateParams(max_tokens=np.int32(4), top_k=np.int64(5), seed=np.uint64(2**64 - 1), stop_sequences=["x"])
+    assert (type(p.max_tokens), type(p.top_k), type(p.seed)) == (int, int, int)
+    assert p.seed == 2**64 - 1 and p.stop_sequences == ("x",)
+    assert p == GenerateParams(max_tokens=4, top_k=5, seed=2**64 - 1, stop_sequences=("x",))
+    GenerateParams(temperature=3e38, repetition_penalty=2.0**-126, top_p=2.0**-126)  # float32's range edges

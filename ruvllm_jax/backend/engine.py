@@ -14,6 +14,7 @@ cache to a power of two >= prompt + max_tokens, capped at the model's `max_conte
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, Optional
 
 import jax
@@ -23,10 +24,11 @@ from flax import struct
 from ruvllm_jax.backend.sampling import SamplingParams, presence_from_tokens, sample, update_presence
 from ruvllm_jax.cache import ContiguousKVCache
 from ruvllm_jax.cache.segmented import SegmentedKVCache
-from ruvllm_jax.errors import GenerationError
+from ruvllm_jax.errors import ConfigError, GenerationError
 from ruvllm_jax.kernels import KernelOptions
 from ruvllm_jax.models import llama
 from ruvllm_jax.models.config import LlamaConfig
+from ruvllm_jax.types import SEED_LIMIT
 
 DEFAULT_CHUNK = 32
 MIN_PROMPT_BUCKET = 16
@@ -137,10 +139,18 @@ def new_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> 
 
 
 def make_rng(seed: Optional[int]) -> jax.Array:
-    """A PRNG key from a (64-bit) seed; fresh OS entropy when seed is None."""
+    """A PRNG key from a seed in [0, 2**64) (`types.SEED_LIMIT`); fresh OS entropy when seed is None.
+
+    The key is seeded with the low 32 bits and folds in the high 32 bits, so every seed in the range
+    gives its own stream (and seeds below 2**63 keep the streams they always had). A seed outside
+    the range, a bool or a non-int is a `ConfigError`: masking it would alias another seed.
+    """
     if seed is None:
         import secrets
 
-        seed = secrets.randbits(63)
+        seed = secrets.randbits(64)
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
+    seed = int(seed)
     key = jax.random.key(seed & 0xFFFFFFFF)
-    return jax.random.fold_in(key, (seed >> 32) & 0x7FFFFFFF)
+    return jax.random.fold_in(key, seed >> 32)

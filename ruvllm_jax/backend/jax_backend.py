@@ -8,6 +8,7 @@ stop sequences) stays on the host; everything numeric stays on device.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from typing import Iterator, Optional, Sequence
 
@@ -18,7 +19,7 @@ import numpy as np
 from ruvllm_jax.backend import engine
 from ruvllm_jax.backend.base import StreamCallback
 from ruvllm_jax.backend.sampling import SamplingParams
-from ruvllm_jax.backend.tokenizer import IncrementalDecoder, Tokenizer
+from ruvllm_jax.backend.tokenizer import IncrementalDecoder, Tokenizer, check_token_ids
 from ruvllm_jax.errors import (
     ConfigError,
     InvalidOperationError,
@@ -55,12 +56,27 @@ class JaxBackend:
     """Load a Llama-family model and generate text with it. `JaxBackend.new()` picks the best device."""
 
     def __init__(self, device: Optional[DeviceType] = None):
+        if device is not None and not isinstance(device, DeviceType):
+            raise ConfigError(
+                f"device must be a DeviceType (e.g. DeviceType.Cpu, DeviceType.Cuda(0)) or None, got {device!r}"
+            )
         self._device = device if device is not None else DeviceType.best()
         self._jax_device = self._device.to_jax()
         self._model: Optional[_Loaded] = None
         self._last_cache_bytes = 0
         self._adapters = None  # a LoRA adapters pytree or a MicroLoRA, applied in every forward when set
         self.decode_chunk_size = engine.DEFAULT_CHUNK
+
+    @property
+    def decode_chunk_size(self) -> int:
+        """Decode steps run on device per host round trip (an int >= 1; each new value compiles once)."""
+        return self._decode_chunk_size
+
+    @decode_chunk_size.setter
+    def decode_chunk_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ConfigError(f"decode_chunk_size must be an int >= 1, got {value!r}")
+        self._decode_chunk_size = int(value)
 
     @classmethod
     def new(cls) -> "JaxBackend":
@@ -72,8 +88,19 @@ class JaxBackend:
 
     # -- loading -------------------------------------------------------------------------------
     def load_model(self, model_id_or_path: Optional[str] = None, config: Optional[ModelConfig] = None) -> None:
-        """Load a hub id, a local folder, or (None) the embedded default model."""
-        config = config or ModelConfig()
+        """Load a hub id, a local folder, or (None) the embedded default model.
+
+        `model_id_or_path` is None, a str or an `os.PathLike`; `config` is None or a `ModelConfig`.
+        Anything else is a `ConfigError`, raised before any work, and a failed load keeps the model,
+        device and adapters that were there.
+        """
+        model_id_or_path = _check_model_path(model_id_or_path, "model_id_or_path", allow_none=True)
+        if config is None:
+            config = ModelConfig()
+        elif not isinstance(config, ModelConfig):
+            raise ConfigError(
+                f"config must be a ModelConfig; pass ModelConfig(...), got {type(config).__name__} {config!r}"
+            )
         # Resolve the device now but switch to it only once the load succeeded: a failed call
         # must leave the backend as it was.
         device = self._device if config.device is None else config.device
@@ -90,7 +117,7 @@ class JaxBackend:
         cfg = loader.load_config(path)
         params = loader.load_params(path, cfg, dtype=_STORAGE_DTYPES[config.quantization], device=jax_device)
         tok_path = os.path.join(path, "tokenizer.json")
-        gen_cfg = loader.read_json(os.path.join(path, "generation_config.json")) or {}
+        gen_cfg = loader.load_generation_config(path, cfg)
         eos = gen_cfg.get("eos_token_id", list(cfg.eos_token_ids))
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         tokenizer = (
@@ -106,6 +133,11 @@ class JaxBackend:
         self, model_id: str, quantization: Precision = Precision.FP32, cache_dir: Optional[str] = None,
     ) -> str:
         """Fetch a hub model into the HF cache (or `cache_dir`) and return its local folder."""
+        model_id = _check_model_path(model_id, "model_id")
+        if not isinstance(quantization, Precision):
+            raise ConfigError(f"quantization must be a Precision, got {quantization!r}")
+        if cache_dir is not None:
+            cache_dir = _check_model_path(cache_dir, "cache_dir")
         del quantization  # weights are quantized at load time, not on disk
         return loader.resolve_model_path(model_id, cache_dir=cache_dir)
 
@@ -139,10 +171,17 @@ class JaxBackend:
     def eos_token_ids(self, ids) -> None:
         """Replace them; `()` decodes every requested token (benchmarks)."""
         m = self._require()
-        ids = tuple(ids)
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < m.cfg.vocab_size for t in ids):
-            raise ConfigError(f"eos_token_ids must be token ids in [0, {m.cfg.vocab_size}), got {ids!r}")
-        m.eos_ids = ids
+        given = ids
+        try:
+            ids = tuple(ids) if not isinstance(ids, (str, bytes, dict, set, frozenset)) else None
+        except TypeError:  # not iterable
+            ids = None
+        if ids is None or any(
+            isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < m.cfg.vocab_size for t in ids
+        ):
+            shown = given if ids is None else ids
+            raise ConfigError(f"eos_token_ids must be token ids in [0, {m.cfg.vocab_size}), got {shown!r}")
+        m.eos_ids = tuple(int(t) for t in ids)
 
     def model_info(self) -> Optional[ModelInfo]:
         if self._model is None:
@@ -206,18 +245,31 @@ class JaxBackend:
             self.attach_adapters(value)
 
     # -- generation ------------------------------------------------------------------------------
+    # Every argument is checked before any work: a rejected call traces, compiles and changes nothing.
     def generate_tokens(self, prompt_ids: Sequence[int], params: Optional[GenerateParams] = None) -> list[int]:
-        """Greedy or sampled continuation of token ids (EOS excluded), ignoring stop sequences."""
-        return list(self._token_stream(list(prompt_ids), params or GenerateParams(), stream=False))
+        """Greedy or sampled continuation of token ids (EOS excluded), ignoring stop sequences.
+
+        `prompt_ids` is a 1-D sequence of ints in [0, vocab_size) or a 1-D integer array
+        (`TokenizationError` otherwise: floats, bools, strs and nested sequences are refused)."""
+        m = self._require()
+        params = _check_params(params)
+        ids = check_token_ids(prompt_ids, m.cfg.vocab_size, "prompt token ids")
+        sampling = self._check_request(ids, params)
+        return list(self._token_stream(ids, params, sampling, stream=False))
 
     def generate(self, prompt: str, params: Optional[GenerateParams] = None) -> str:
         pieces: list[str] = []
-        self._generate_text(prompt, params or GenerateParams(), pieces.append, stream=False)
+        self._generate_text(prompt, _check_params(params), pieces.append, stream=False)
         return "".join(pieces)
 
     def generate_stream(self, prompt: str, params: Optional[GenerateParams], callback: StreamCallback) -> None:
         """Call `callback(piece)` with each piece of text as soon as it decodes; False stops."""
-        self._generate_text(prompt, params or GenerateParams(), callback, stream=True)
+        params = _check_params(params)
+        if not callable(callback):
+            raise ConfigError(
+                f"callback must be callable (called with each text piece), got {type(callback).__name__} {callback!r}"
+            )
+        self._generate_text(prompt, params, callback, stream=True)
 
     def _encode(self, prompt: str) -> list[int]:
         m = self._require()
@@ -225,14 +277,23 @@ class JaxBackend:
             raise TokenizationError(f"model {m.name!r} has no tokenizer.json; pass token ids to generate_tokens()")
         return m.tokenizer.encode(prompt)
 
+    def _check_request(self, ids: list[int], params: GenerateParams) -> SamplingParams:
+        """Everything that depends on the model: prompt ids in range, a prompt that fits, top_k <= vocab."""
+        m = self._require()
+        check_token_ids(ids, m.cfg.vocab_size, "prompt token ids")  # a tokenizer may know more ids than the model
+        sampling = SamplingParams.from_generate_params(params, vocab_size=m.cfg.vocab_size)
+        engine.buckets(len(ids), params.max_tokens, self.max_context())  # also refuses an empty prompt
+        return sampling
+
     def _generate_text(self, prompt: str, params: GenerateParams, callback: StreamCallback, stream: bool) -> None:
         ids = self._encode(prompt)
-        decoder = IncrementalDecoder(self._require().tokenizer)
+        sampling = self._check_request(ids, params)
+        decoder = IncrementalDecoder(self._require().tokenizer, self._require().cfg.vocab_size)
         stops = params.stop_sequences
         longest_stop = max((len(s) for s in stops), default=0)
         text, emitted = "", 0
 
-        for token in self._token_stream(ids, params, stream=stream):
+        for token in self._token_stream(ids, params, sampling, stream=stream):
             text += decoder.push(token)
             if stops:
                 hit = _find_stop(text, stops, max(0, emitted - longest_stop))
@@ -254,17 +315,17 @@ class JaxBackend:
         if len(text) > emitted:
             callback(text[emitted:])
 
-    def _token_stream(self, ids: list[int], params: GenerateParams, stream: bool) -> Iterator[int]:
+    def _token_stream(
+        self, ids: list[int], params: GenerateParams, sampling: SamplingParams, stream: bool,
+    ) -> Iterator[int]:
+        """Tokens of a request `_check_request` accepted (it built `sampling`)."""
         m = self._require()
         if params.max_tokens == 0:
             return
-        if any(not 0 <= t < m.cfg.vocab_size for t in ids):
-            raise TokenizationError(f"prompt token ids must be in [0, {m.cfg.vocab_size}), got {ids}")
         prompt_bucket, cache_len = engine.buckets(len(ids), params.max_tokens, self.max_context())
         tokens = np.zeros((1, prompt_bucket), np.int32)
         tokens[0, : len(ids)] = ids
         eos = jnp.asarray(m.eos_ids or (-1,), jnp.int32)
-        sampling = SamplingParams.from_generate_params(params)
         with jax.default_device(self._jax_device):
             cache = engine.new_cache(m.cfg, 1, cache_len)
             self._last_cache_bytes = cache.nbytes()
@@ -291,6 +352,34 @@ class JaxBackend:
                 produced += len(new)
                 if len(new) == 0:
                     return
+
+
+def _check_params(params) -> GenerateParams:
+    """None (the defaults) or a GenerateParams; a dict or anything else is a ConfigError."""
+    if params is None:
+        return GenerateParams()
+    if not isinstance(params, GenerateParams):
+        hint = "GenerateParams(**your_dict)" if isinstance(params, dict) else "GenerateParams(...)"
+        raise ConfigError(
+            f"params must be a GenerateParams; pass GenerateParams(...) (e.g. {hint}), "
+            f"got {type(params).__name__} {params!r}"
+        )
+    return params
+
+
+def _check_model_path(value, name: str, allow_none: bool = False):
+    """A non-empty str path (os.PathLike resolved); None passes through only when allowed."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        expected = "a str, an os.PathLike or None" if allow_none else "a str or an os.PathLike"
+        raise ConfigError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    path = os.fspath(value)
+    if not isinstance(path, str):
+        raise ConfigError(f"{name} must name a str path, got {type(path).__name__} {path!r}")
+    if not path:
+        raise ConfigError(f"{name} must be a non-empty path or hub id, got {value!r}")
+    return path
 
 
 def _find_stop(text: str, stops: Sequence[str], start: int) -> Optional[int]:

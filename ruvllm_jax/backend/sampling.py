@@ -14,15 +14,16 @@ greedy decoding skip the filtering entirely (`lax.cond` executes only the branch
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import numbers
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ruvllm_jax.types import GenerateParams
+from ruvllm_jax.errors import ConfigError
+from ruvllm_jax.types import GenerateParams
 
 # `lax.top_k` needs a static k. Top-k requests up to this cap take the cheap partial-selection path;
 # larger (rare) ones fall back to the full sort. On CPU at V=151936, top_k(1024) costs ~2 ms against
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _TOP_K_CAP = 1024
 
 _NEG_INF = -jnp.inf
+_INT32_MAX = 2**31 - 1
 
 
 @struct.dataclass
@@ -54,8 +56,25 @@ class SamplingParams:
         )
 
     @classmethod
-    def from_generate_params(cls, p: "GenerateParams") -> "SamplingParams":
-        """From validated user-facing `GenerateParams` (which raises `ConfigError` on bad values)."""
+    def from_generate_params(cls, p: "GenerateParams", vocab_size: Optional[int] = None) -> "SamplingParams":
+        """From validated user-facing `GenerateParams` (which raises `ConfigError` on bad values).
+
+        top_k must fit the vocabulary: with `vocab_size` given, top_k > vocab_size is a
+        `ConfigError` naming both (top_k == vocab_size keeps every token, like 0); without it,
+        top_k must still fit int32. Nothing is clipped.
+        """
+        if not isinstance(p, GenerateParams):
+            raise ConfigError(f"expected GenerateParams; pass GenerateParams(...), got {type(p).__name__} {p!r}")
+        if vocab_size is not None:
+            if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size <= 0:
+                raise ConfigError(f"vocab_size must be an int > 0, got {vocab_size!r}")
+            if p.top_k > vocab_size:
+                raise ConfigError(
+                    f"top_k={p.top_k} exceeds the vocabulary size {vocab_size}; "
+                    f"use top_k <= {vocab_size} (0 disables top-k)"
+                )
+        if p.top_k > _INT32_MAX:
+            raise ConfigError(f"top_k={p.top_k} does not fit int32 (max {_INT32_MAX}); no vocabulary is that large")
         return cls.create(p.temperature, p.top_k, p.top_p, p.repetition_penalty)
 
 

@@ -315,3 +315,40 @@ def test_use_flash_attention_false_selects_the_jnp_attention_path(llama_dir, mon
         b.load_model(folder, ModelConfig(use_flash_attention=flag))
         b.generate_tokens([0, 5, 6], GREEDY.replace(max_tokens=2))
     assert seen == ["auto", "jnp"]
+
+
+def test_load_model_checks_its_arguments_before_any_work(backend, llama_dir):
+    import pathlib
+
+    _, folder = llama_dir
+    b = JaxBackend.new()
+    b.load_model(pathlib.Path(folder))  # an os.PathLike is a path
+    before = (b.model_info(), b.device(), b.params)
+    for bad, match in ((123, "model_id_or_path must be a str, an os.PathLike or None, got int 123"),
+                       (b"/tmp/model", "got bytes"), ("", "non-empty"), ([folder], "got list")):
+        with pytest.raises(ConfigError, match=match):
+            b.load_model(bad)
+    for bad in ({"max_context": 64}, {}, "fp32", Precision.FP16):  # {} used to mean the defaults
+        with pytest.raises(ConfigError, match=r"config must be a ModelConfig; pass ModelConfig\(\.\.\.\)"):
+            b.load_model(folder, bad)
+    assert (b.model_info(), b.device(), b.params) == before
+    with pytest.raises(ConfigError, match="model_id must be a str"):
+        b.download_model(None)
+    with pytest.raises(ConfigError, match="quantization must be a Precision"):
+        b.download_model("org/model", quantization="q4")
+
+
+def test_backend_setters_and_constructors_check_types(backend):
+    for bad in ("cpu", 0, jax.devices("cpu")[0]):
+        with pytest.raises(ConfigError, match="device must be a DeviceType"):
+            JaxBackend.with_device(bad)
+    b = JaxBackend.new()
+    for bad in (0, -1, 2.0, True, "32", None):
+        with pytest.raises(ConfigError, match="decode_chunk_size must be an int >= 1"):
+            b.decode_chunk_size = bad
+    assert b.decode_chunk_size == engine.DEFAULT_CHUNK
+    eos = backend.eos_token_ids
+    for bad in (5, None, "ab", [1.0], [True], {1: 2}):
+        with pytest.raises(ConfigError, match="eos_token_ids must be token ids"):
+            backend.eos_token_ids = bad
+    assert backend.eos_token_ids == eos

@@ -392,3 +392,18 @@ def test_top_p_on_flat_large_vocab_matches_hf_without_sorting(seed, spread):
         hf = TopPLogitsWarper(top_p)(None, torch.tensor(logits)).numpy()
         assert np.isfinite(hf).sum() > 2 * S._TOP_K_CAP  # really wider than the partial path
         np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(hf))
+
+
+def test_from_generate_params_checks_top_k_against_the_vocabulary():
+    p = GenerateParams(top_k=300)
+    assert int(SamplingParams.from_generate_params(p, vocab_size=300).top_k) == 300  # == V: keeps every token
+    with pytest.raises(ConfigError, match="top_k=300 exceeds the vocabulary size 299"):
+        SamplingParams.from_generate_params(p, vocab_size=299)
+    with pytest.raises(ConfigError, match=r"top_k=2147483648 does not fit int32"):
+        SamplingParams.from_generate_params(GenerateParams(top_k=2**31))  # used to overflow in jnp.asarray
+    for bad in (0, -3, True, 2.5):
+        with pytest.raises(ConfigError, match="vocab_size must be an int > 0"):
+            SamplingParams.from_generate_params(p, vocab_size=bad)
+    for bad in ({"top_k": 3}, None, SamplingParams.create()):
+        with pytest.raises(ConfigError, match=r"pass GenerateParams\(\.\.\.\)"):
+            SamplingParams.from_generate_params(bad)

@@ -52,7 +52,8 @@ def test_multibyte_pieces_are_whole_characters(tok):
     assert sum(p != "" for p in pieces) >= len(MULTIBYTE.split())
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30))
 def test_incremental_decoding_equals_full_decoding(tok, text):
     ids = tok.encode(text, add_special_tokens=False)
@@ -65,6 +66,18 @@ def test_flush_returns_a_truly_incomplete_tail(tok):
     ids = tok.encode("ab🙂", add_special_tokens=False)
     pieces, rest = stream(tok, ids[:-1])  # cut inside the emoji's bytes
     assert "".join(pieces) == "ab" and rest.startswith("\ufffd") is True
+
+
+def test_padding_ids_of_a_larger_model_vocabulary_have_no_text(tok):
+    """Qwen-style: the embedding has rows past the tokenizer's ids; the model may sample them."""
+    ids = tok.encode("To be", add_special_tokens=False)
+    padded = IncrementalDecoder(tok, model_vocab_size=512)
+    pieces = [padded.push(i) for i in (ids[0], 400, *ids[1:], 511)] + [padded.flush()]
+    assert "".join(pieces) == tok.decode(ids) and pieces[1] == "" and pieces[-2] == ""
+    with pytest.raises(TokenizationError, match="512"):
+        padded.push(512)
+    with pytest.raises(TokenizationError, match="384"):
+        IncrementalDecoder(tok).push(400)  # without the model's size, 400 is out of range
 
 
 def test_non_str_input_is_a_tokenization_error(tok):
