@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ruvllm_jax.errors import ModelError, NotFoundError
-from ruvllm_jax.models.config import LlamaConfig
-from ruvllm_jax.models.safetensors_io import open_checkpoint, save_file
+from ruvllm_jax.errors import ModelError, NotFoundError, RuvIoError
+from ruvllm_jax.models.config import LlamaConfig, token_ids
+from ruvllm_jax.models.safetensors_io import FLOAT_DTYPES, open_checkpoint, save_file
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
@@ -79,7 +79,12 @@ def load_params(folder: str, cfg: LlamaConfig, *, dtype=jnp.float32, device=None
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in tensors:
             raise ModelError(f"tensor {name!r} is missing from the checkpoint in {folder!r}")
-        a = tensors[name].get(name)
+        file = tensors[name]
+        if file.dtype(name) not in FLOAT_DTYPES:
+            raise ModelError(
+                f"tensor {name!r} in {file.path!r} has dtype {file.dtype(name)}, expected one of {FLOAT_DTYPES}"
+            )
+        a = file.get(name)
         if a.shape != shape:
             raise ModelError(
                 f"tensor {name!r} has shape {list(a.shape)}, expected {list(shape)} for this config"
@@ -202,8 +207,10 @@ def read_json(path: str) -> Optional[dict]:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, over-long ints
         raise ModelError(f"{path!r} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise RuvIoError(f"cannot read {path!r}: {e}") from None
 
 
 def load_config(folder: str) -> LlamaConfig:
@@ -211,3 +218,17 @@ def load_config(folder: str) -> LlamaConfig:
     if not os.path.isfile(path):
         raise NotFoundError(f"no config.json in model folder {folder!r}")
     return LlamaConfig.from_json_file(path)
+
+
+def load_generation_config(folder: str, cfg: LlamaConfig) -> dict[str, Any]:
+    """`generation_config.json` as an object ({} when absent), its `eos_token_id` (null, a token id or a
+    list of them, each in [0, vocab_size)) checked; a bad file or field raises `ModelError` naming both."""
+    path = os.path.join(folder, "generation_config.json")
+    gen = read_json(path)
+    if gen is None:
+        return {}
+    if not isinstance(gen, dict):
+        raise ModelError(f"{path!r} holds {type(gen).__name__}, expected an object")
+    if "eos_token_id" in gen:
+        token_ids(gen["eos_token_id"], cfg.vocab_size, path, "eos_token_id")
+    return gen
