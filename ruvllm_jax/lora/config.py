@@ -80,6 +80,15 @@ def module_dims(model_cfg) -> dict[TargetModule, tuple[int, int]]:
     }
 
 
+def _module_list(targets: Any) -> tuple:
+    """One module (a name or TargetModule) or an iterable of them, as a tuple."""
+    if isinstance(targets, (str, TargetModule)):
+        return (targets,)
+    if isinstance(targets, (bytes, dict)) or not hasattr(targets, "__iter__"):
+        raise ConfigError(f"target_modules must be a module name, a TargetModule or a list of them, got {targets!r}")
+    return tuple(targets)
+
+
 @dataclasses.dataclass(frozen=True)
 class MicroLoraConfig:
     """RuvLLM's MicroLoRA configuration. Rank 1-2 is MicroLoRA proper; larger ranks are allowed."""
@@ -99,13 +108,22 @@ class MicroLoraConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise ConfigError(f"MicroLoraConfig.{name} must be a positive integer, got {v!r}")
-        if not isinstance(self.alpha, (int, float, np.floating)) or not math.isfinite(self.alpha):
-            raise ConfigError(f"MicroLoraConfig.alpha must be a finite number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float, np.floating)) or not 0.0 <= self.dropout < 1.0:
+        try:
+            alpha_ok = not isinstance(self.alpha, bool) \
+                and isinstance(self.alpha, (int, float, np.integer, np.floating)) and math.isfinite(self.alpha) \
+                and abs(self.alpha / self.rank) <= float(np.finfo(np.float32).max)
+        except OverflowError:  # an int beyond float range
+            alpha_ok = False
+        if not alpha_ok:
+            raise ConfigError(f"MicroLoraConfig.alpha must be a finite number (alpha / rank finite in float32), "
+                              f"got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float, np.floating)) \
+                or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"MicroLoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        targets = self.target_modules
-        if isinstance(targets, (str, TargetModule)):
-            targets = (targets,)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(
+                f"MicroLoraConfig.gradient_checkpointing must be a bool, got {self.gradient_checkpointing!r}")
+        targets = _module_list(self.target_modules)
         targets = tuple(dict.fromkeys(TargetModule.parse(t) for t in targets))
         if not targets:
             raise ConfigError("MicroLoraConfig.target_modules is empty; name at least one module")
@@ -126,9 +144,11 @@ class MicroLoraConfig:
         target_modules: Sequence[Any] = (TargetModule.QProj, TargetModule.VProj),
     ) -> "MicroLoraConfig":
         """A config for a `LlamaConfig`; per-module dims come from `module_dims(model_cfg)`."""
-        d = model_cfg.hidden_size
+        d = getattr(model_cfg, "hidden_size", None)
+        if d is None:
+            raise ConfigError(f"model_cfg must be a LlamaConfig, got {model_cfg!r}")
         return cls(in_features=d, out_features=d, rank=rank, alpha=alpha, dropout=dropout,
-                   target_modules=tuple(target_modules))
+                   target_modules=_module_list(target_modules))
 
 
 @dataclasses.dataclass(frozen=True)

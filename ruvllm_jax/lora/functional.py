@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any, Mapping, Optional
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -231,20 +233,133 @@ def reset(state: LoraState, key: jax.Array) -> LoraState:
                 dropout=state.dropout, baseline_decay=state.baseline_decay, optimizer=state.optimizer)
 
 
+# -- host-side validation (used by the MicroLoRA facade, checkpoint and peft_io) ---------------------------------
+# Jitted code cannot raise on values, so every check below runs on the host before any state changes.
+
+def describe(v: Any, limit: int = 120) -> str:
+    """A short, readable account of a value for an error message: arrays by type, dtype and shape."""
+    if isinstance(v, (np.ndarray, jax.Array)) and np.ndim(v) > 0:
+        return f"{type(v).__name__} of dtype {v.dtype} and shape {tuple(v.shape)}"
+    r = repr(v)
+    return r if len(r) <= limit else f"{r[:limit]}... ({type(v).__name__} of {len(r)} characters)"
+
+
+def _is_float_dtype(dtype) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def _is_numeric_dtype(dtype) -> bool:
+    """Ints and floats (bfloat16 included); never bool, complex, strings or objects."""
+    return bool(np.issubdtype(dtype, np.integer) or _is_float_dtype(dtype))
+
+
+def check_real(name: str, v: Any, exc: type = AdapterError) -> float:
+    """A real number finite in float32, where it is used (a Python/NumPy int or float, a Fraction, or a
+    0-d numeric array); bools, complex, Decimal, strings and None are refused."""
+    if isinstance(v, (np.ndarray, jax.Array)) and v.ndim == 0 and _is_numeric_dtype(v.dtype):
+        v = np.asarray(v).item()
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise exc(f"{name} must be a finite real number, got {describe(v)}")
+    try:
+        f = float(v)
+    except (OverflowError, ValueError, TypeError):
+        f = math.inf
+    if not math.isfinite(f) or abs(f) > float(np.finfo(np.float32).max):
+        raise exc(f"{name} must be a finite real number, got {describe(v)}")
+    return f
+
+
+def check_int(name: str, v: Any, lo: int, hi: Optional[int] = None, exc: type = AdapterError) -> int:
+    """An integer (not a bool) in [lo, hi) (hi None: no upper bound)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < lo or (hi is not None
+                                                                                          and v >= hi):
+        want = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
+        raise exc(f"{name} must be an integer {want}, got {describe(v)}")
+    return int(v)
+
+
+def host_array(name: str, v: Any, *, floating: bool = False, exc: type = AdapterError) -> np.ndarray:
+    """`v` as a host NumPy array of a numeric dtype (float dtypes only with `floating`), every value
+    finite once cast to float32. Ragged nests, strings, None, bools, complex and objects raise `exc`."""
+    try:
+        a = np.asarray(v)
+    except (ValueError, TypeError, OverflowError) as e:  # ragged nests, objects that refuse to convert
+        raise exc(f"{name} must be a numeric array, got {describe(v)} ({e})") from None
+    ok = _is_float_dtype(a.dtype) if floating else _is_numeric_dtype(a.dtype)
+    if not ok:
+        kinds = "a floating-point" if floating else "an integer or floating-point"
+        raise exc(f"{name} must be an array of {kinds} dtype, got {describe(v)} (dtype {a.dtype})")
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(a.astype(np.float32))
+    if not np.all(finite):
+        bad = np.asarray(a[~finite] if a.ndim else a).ravel()[:3].tolist()
+        raise exc(f"{name} contains NaN or infinite values in float32 (e.g. {bad}); every value must be finite")
+    return a
+
+
+def _tree_dict(name: str, v: Any, keys: Optional[set] = None, exc: type = AdapterError) -> Mapping:
+    if not isinstance(v, Mapping):
+        raise exc(f"{name} must be a dict, got {describe(v)}")
+    if keys is not None and set(v) != keys:
+        missing, extra = sorted(map(str, keys - set(v))), sorted(map(str, set(v) - keys))
+        raise exc(f"{name} must have exactly the keys {sorted(keys)}; missing {missing}, unexpected {extra}")
+    return v
+
+
+def _layers(name: str, tree: Any, num_layers: int, exc: type) -> tuple:
+    tree = _tree_dict(name, tree, {"layers"}, exc)
+    layers = tree["layers"]
+    if not isinstance(layers, (list, tuple)):
+        raise exc(f"{name}['layers'] must be a list or tuple of per-layer dicts, got {describe(layers)}")
+    if len(layers) != num_layers:
+        raise exc(f"{name} have {len(layers)} layers, the model has {num_layers}")
+    return tuple(layers)
+
+
+def check_params(params: Any, dims: Mapping[str, tuple[int, int]], num_layers: int, rank: int, *,
+                 name: str = "adapter params", exc: type = AdapterError) -> dict:
+    """Validate a params tree {"layers": ({key: {"A": [in, rank], "B": [rank, out]}} per layer)}: exactly
+    the modules `dims` {key: (in, out)}, `num_layers` layers, float dtypes, finite values. Returns it as
+    float32 NumPy arrays (bf16/f16 exactly; f64 rounded to float32)."""
+    out = []
+    for i, layer in enumerate(_layers(name, params, num_layers, exc)):
+        layer = _tree_dict(f"{name} layer {i}", layer, set(dims), exc)
+        new = {}
+        for k, (d_in, d_out) in dims.items():
+            m = _tree_dict(f"{name} layer {i} module {k!r}", layer[k], {"A", "B"}, exc)
+            arrays = {}
+            for which, want in (("A", (d_in, rank)), ("B", (rank, d_out))):
+                a = host_array(f"{name} layer {i} module {k!r} {which}", m[which], floating=True, exc=exc)
+                if a.shape != want:
+                    raise exc(f"{name} layer {i} module {k!r}: {which} has shape {a.shape}, expected {want} "
+                              f"((in, out) = {(d_in, d_out)}, rank {rank})")
+                arrays[which] = a.astype(np.float32)
+            new[k] = arrays
+        out.append(new)
+    return {"layers": tuple(out)}
+
+
 def check_adapters(adapters: Any, model_cfg) -> None:
-    """Raise `AdapterError` unless `adapters` is a {"layers": [...]} tree that fits `model_cfg`."""
-    if not isinstance(adapters, dict) or "layers" not in adapters:
+    """Raise `AdapterError` unless `adapters` is a {"layers": [...]} tree that fits `model_cfg`: one
+    dict per layer mapping module keys the model has to {"A": [in, r], "B": [r, out], "scaling": []}
+    (r >= 1, float dtypes, finite values). What `models.llama` applies, checked before it is used."""
+    if not isinstance(adapters, Mapping) or "layers" not in adapters:
         raise AdapterError(
-            f"adapters must be a dict with a 'layers' list (or a MicroLoRA), got {type(adapters).__name__}"
+            f"adapters must be a dict with a 'layers' list (or a MicroLoRA), got {describe(adapters)}"
         )
-    layers = adapters["layers"]
-    if len(layers) != model_cfg.num_layers:
-        raise AdapterError(f"adapters have {len(layers)} layers, the model has {model_cfg.num_layers}")
+    layers = _layers("adapters", adapters, model_cfg.num_layers, AdapterError)
     dims = {m.key: d for m, d in module_dims(model_cfg).items()}
     for i, layer in enumerate(layers):
+        layer = _tree_dict(f"adapters layer {i}", layer)
         for k, m in layer.items():
             if k not in dims:
                 raise AdapterError(f"layer {i}: the model has no module {k!r}; modules: {list(dims)}")
-            a, b = jnp.shape(m["A"]), jnp.shape(m["B"])
-            if len(a) != 2 or len(b) != 2 or a[0] != dims[k][0] or b[1] != dims[k][1] or a[1] != b[0]:
-                raise AdapterError(f"layer {i} module {k!r}: A {a} / B {b} do not fit (in, out) = {dims[k]}")
+            where = f"adapters layer {i} module {k!r}"
+            m = _tree_dict(where, m, {"A", "B", "scaling"})
+            a, b, s = (host_array(f"{where} {w}", m[w], floating=True) for w in ("A", "B", "scaling"))
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != dims[k][0] or b.shape[1] != dims[k][1] \
+                    or a.shape[1] != b.shape[0] or a.shape[1] < 1:
+                raise AdapterError(f"layer {i} module {k!r}: A {a.shape} / B {b.shape} do not fit "
+                                   f"(in, out) = {dims[k]}")
+            if s.ndim != 0:
+                raise AdapterError(f"{where} scaling must be a scalar, got shape {s.shape}")

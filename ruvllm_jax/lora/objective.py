@@ -11,7 +11,8 @@ one compilation serves all lengths in a bucket.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+import numbers
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,17 +29,88 @@ def _bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(0, (n - 1).bit_length()))
 
 
-def pack(prompt_ids: Sequence[int], response_ids: Sequence[int], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """tokens [S] (prompt + response, zero-padded) and weights [S]: 1 where a response token is predicted."""
-    prompt_ids, response_ids = list(prompt_ids), list(response_ids)
-    if not prompt_ids or not response_ids:
-        raise AdapterError(
-            f"need a non-empty prompt and response, got {len(prompt_ids)} and {len(response_ids)} tokens"
-        )
+def check_token_ids(name: str, ids, vocab_size: int) -> list[int]:
+    """A non-empty 1-D sequence (list, tuple or integer array) of ints in [0, vocab_size); bools and
+    floats (even 3.0) are refused, never truncated. Raises `AdapterError` naming the value."""
+    from ruvllm_jax.lora.functional import describe
+
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, range, np.ndarray, jax.Array)):
+        raise AdapterError(f"{name} must be a list or 1-D integer array of token ids, got {describe(ids)}")
+    if isinstance(ids, (np.ndarray, jax.Array)):
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise AdapterError(f"{name} must be a 1-D integer array of token ids, got {describe(ids)}")
+        ids = np.asarray(ids).tolist()
+    else:
+        bad = [t for t in ids if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral)]
+        if bad:
+            raise AdapterError(f"{name} must hold integer token ids, got {describe(bad[:5])} in {describe(ids)}")
+        ids = [int(t) for t in ids]
+    if not ids:
+        raise AdapterError(f"{name} is empty; a prompt and a response need at least one token each")
+    out = [t for t in ids if not 0 <= t < vocab_size]
+    if out:
+        raise AdapterError(f"{name}: token ids must be in [0, {vocab_size}), got {out[:5]}")
+    return ids
+
+
+def check_model_params(params, cfg: LlamaConfig) -> None:
+    """Raise `AdapterError` unless `params` has the structure, shapes and float dtypes that
+    `models.llama` reads for `cfg` (what `loader.load_params(folder, cfg)` returns): a model of
+    another size or family, or a tree missing or adding keys, is refused before any tracing."""
+    from ruvllm_jax.lora.functional import describe
+
+    d, inter, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    qkv = cfg.q_size + 2 * cfg.kv_size
+    top = {"embed": (v, d), "final_norm": (d,)}
+    if not cfg.tie_word_embeddings:
+        top["lm_head"] = (v, d)
+    layer_shapes = {"attn_norm": (d,), "wqkv": (qkv, d), "wo": (d, cfg.q_size), "mlp_norm": (d,),
+                    "w_gate_up": (2 * inter, d), "w_down": (d, inter)}
+    optional = {"bo": (d,)}
+    if cfg.attention_bias:
+        layer_shapes["bqkv"] = (qkv,)
+    if cfg.mlp_bias:
+        layer_shapes.update(b_gate_up=(2 * inter,), b_down=(d,))
+
+    def leaf(where, x, shape):
+        if not isinstance(x, (np.ndarray, jax.Array)):
+            raise AdapterError(f"model params {where} must be an array, got {describe(x)}")
+        if tuple(x.shape) != shape or not jnp.issubdtype(x.dtype, jnp.floating):
+            raise AdapterError(f"model params {where} is {describe(x)}, the model config needs a float array of "
+                               f"shape {shape}: these params belong to another model")
+
+    def keys(where, tree, required, allowed=()):
+        if not isinstance(tree, dict):
+            raise AdapterError(f"model params{where} must be a dict, got {describe(tree)}")
+        missing, extra = set(required) - set(tree), set(tree) - set(required) - set(allowed)
+        if missing or extra:
+            raise AdapterError(f"model params{where} lack {sorted(missing)} / have unexpected {sorted(extra)} for "
+                               f"this model config: these params belong to another model")
+
+    keys("", params, {*top, "layers"})
+    for k, shape in top.items():
+        leaf(repr(k), params[k], shape)
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)) or len(layers) != cfg.num_layers:
+        raise AdapterError(f"model params 'layers' must be a list of {cfg.num_layers} layers, got {describe(layers)}")
+    for i, lp in enumerate(layers):
+        keys(f" layer {i}", lp, layer_shapes, optional)
+        for k, x in lp.items():
+            leaf(f"layer {i} {k!r}", x, {**layer_shapes, **optional}[k])
+
+
+def pack(prompt_ids: Sequence[int], response_ids: Sequence[int], vocab_size: int,
+         max_length: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """tokens [S] (prompt + response, zero-padded) and weights [S]: 1 where a response token is predicted.
+
+    Both id lists are checked by `check_token_ids`; with `max_length`, prompt + response longer than
+    it (the model's max_position_embeddings) raise `AdapterError` rather than being cut."""
+    prompt_ids = check_token_ids("prompt_ids", prompt_ids, vocab_size)
+    response_ids = check_token_ids("response_ids", response_ids, vocab_size)
     ids = prompt_ids + response_ids
-    bad = [t for t in ids if not 0 <= int(t) < vocab_size]
-    if bad:
-        raise AdapterError(f"token ids must be in [0, {vocab_size}), got {bad[:5]}")
+    if max_length is not None and len(ids) > max_length:
+        raise AdapterError(f"prompt + response are {len(prompt_ids)} + {len(response_ids)} = {len(ids)} tokens, "
+                           f"more than the model's max_position_embeddings {max_length}")
     s = _bucket(len(ids))
     tokens = np.zeros((s,), np.int32)
     tokens[: len(ids)] = ids

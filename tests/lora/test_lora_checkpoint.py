@@ -1,5 +1,6 @@
 """Orbax save/restore of adapters, accumulators, optimizer and EWC++ state is bit-identical; missing,
-partial or corrupt checkpoints raise AdapterError and leave the MicroLoRA as it was."""
+partial, corrupt or mismatched checkpoints raise StorageError naming the path and leave the MicroLoRA
+as it was; saving onto a file, a folder of other files or (without overwrite) a checkpoint raises RuvIoError."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from ruvllm_jax.errors import AdapterError
+from ruvllm_jax.errors import RuvIoError, StorageError
 from ruvllm_jax.lora import AdaptFeedback, MicroLoRA, MicroLoraConfig, TargetModule
 
 
@@ -44,20 +45,20 @@ def test_orbax_round_trip_is_bit_identical(tmp_path, optimizer):
 
 def test_restore_into_other_dims_raises(tmp_path):
     MicroLoRA(MicroLoraConfig.for_hidden_dim(16)).save(str(tmp_path / "ck"))
-    with pytest.raises(AdapterError, match="holds adapters"):
+    with pytest.raises(StorageError, match=r"ck' holds other adapters than this MicroLoRA: .*modules \(in, out\)"):
         MicroLoRA(MicroLoraConfig.for_hidden_dim(8)).restore(str(tmp_path / "ck"))
 
 
 def test_missing_folder_or_unfinished_save_raises_and_saving_over_a_checkpoint_refuses(tmp_path):
     lora = MicroLoRA(MicroLoraConfig.for_hidden_dim(16))
     before = lora.state
-    with pytest.raises(AdapterError, match=r"'.*nowhere' is not a MicroLoRA checkpoint \(no meta.json\)"):
+    with pytest.raises(StorageError, match=r"'.*nowhere' is not a MicroLoRA checkpoint: it does not exist"):
         lora.restore(str(tmp_path / "nowhere"))
     lora.save(str(tmp_path / "ck"))
-    with pytest.raises(AdapterError, match="already holds a checkpoint"):
+    with pytest.raises(RuvIoError, match="already holds a checkpoint; pass overwrite=True"):
         lora.save(str(tmp_path / "ck"))
-    (tmp_path / "ck" / "meta.json").unlink()  # save writes meta.json last: a save cut short has none
-    with pytest.raises(AdapterError, match=r"no meta.json"):
+    (tmp_path / "ck" / "meta.json").unlink()  # a folder whose meta.json is gone is no checkpoint
+    with pytest.raises(StorageError, match=r"no meta.json"):
         lora.restore(str(tmp_path / "ck"))
     assert lora.state is before
 
@@ -102,14 +103,14 @@ ORBAX_STRAGGLERS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableEx
 
 @pytest.mark.parametrize("corrupt", [pytest.param(c, marks=ORBAX_STRAGGLERS) if c == "array_data_truncated" else c
                                      for c in CORRUPTIONS])
-def test_corrupt_or_partial_checkpoint_raises_adapter_error_and_leaves_the_state(saved, tmp_path, corrupt):
+def test_corrupt_or_partial_checkpoint_raises_storage_error_and_leaves_the_state(saved, tmp_path, corrupt):
     folder = tmp_path / "ck"
     shutil.copytree(saved, folder)
     MicroLoRA(MicroLoraConfig.for_hidden_dim(16)).restore(str(folder))  # the copy is sound before the damage
     CORRUPTIONS[corrupt](folder)
     lora = MicroLoRA(MicroLoraConfig.for_hidden_dim(16))
     before = lora.state
-    with pytest.raises(AdapterError, match="holds a corrupt or partial MicroLoRA checkpoint"):
+    with pytest.raises(StorageError, match="holds a corrupt or partial MicroLoRA checkpoint"):
         lora.restore(str(folder))
     assert lora.state is before
     if corrupt == "array_data_truncated":  # let those reads end inside this test, not in a later one
