@@ -76,3 +76,15 @@ def test_each_variant_is_a_plain_class_with_a_docstring_and_prefix():
         assert inspect.getsource(cls).startswith(f"class {cls.__name__}(RuvLLMError")  # not made by a factory
         assert cls.__doc__.startswith("Raised ")  # says when it is raised
         assert vars(cls)["prefix"] == PREFIXES[cls.__name__]  # its own class attribute
+
+
+def test_the_error_table_lists_every_variant():
+    import pathlib
+
+    table = (pathlib.Path(__file__).parents[1] / "docs" / "errors.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`") for line in table.splitlines() if line.startswith("| `")}
+    assert rows == set(PREFIXES)
+    for name, prefix in PREFIXES.items():  # each example that is given starts with its variant's text
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{name}`"))
+        example = row.split("|")[3]
+        assert "nothing yet" in row or f"`{prefix}: " in example, name
