@@ -114,11 +114,7 @@ def test_greedy_generation_is_token_identical(hf_model_dir, backend, penalty):
     assert len(ours) >= 8  # a too-early EOS would make this comparison weak
 
 
-@pytest.mark.parametrize("chunk", [32, 7])
-def test_long_greedy_generation_across_decode_chunks_is_token_identical(hf_model_dir, chunk):
-    """120 new tokens: several decode chunks (segments opened and closed; for Mistral, the sliding
-    window crossed many times), at the default chunk size and at an odd one."""
-    _, model, folder = hf_model_dir
+def _long_greedy_matches(model, folder: str, chunk: int) -> None:
     b = JaxBackend.new()
     b.load_model(folder)
     b.decode_chunk_size = chunk
@@ -137,18 +133,28 @@ def test_long_greedy_generation_across_decode_chunks_is_token_identical(hf_model
     assert ours == expected
 
 
+def test_long_greedy_generation_across_decode_chunks_is_token_identical(hf_model_dir):
+    """120 new tokens: three full 32-token decode chunks and a partial one (segments opened and
+    closed; for Mistral, the sliding window crossed many times)."""
+    _, model, folder = hf_model_dir
+    _long_greedy_matches(model, folder, chunk=32)
+
+
+def test_long_greedy_generation_with_an_odd_decode_chunk_size(llama_dir):
+    """A chunk of 7 puts segment boundaries at other positions (the bookkeeping is family-independent)."""
+    model, folder = llama_dir
+    _long_greedy_matches(model, folder, chunk=7)
+
+
 # Relative to the largest |logit|: transformers computing every op in the half dtype vs ours, which
 # stores the weights in it and computes in float32 (bf16 keeps 8 mantissa bits, fp16 11).
-HALF_PRECISIONS = [(Precision.BF16, torch.bfloat16, 0.05), (Precision.FP16, torch.float16, 0.01)]
-JAX_DTYPES = {torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}
+BF16_NATIVE_TOL, FP16_NATIVE_TOL = 0.05, 0.01
 
 
-@pytest.mark.parametrize("precision, torch_dtype, native_tol", HALF_PRECISIONS, ids=["bf16", "fp16"])
-def test_half_precision_storage_matches_transformers(hf_model_dir, precision, torch_dtype, native_tol):
-    _, model, folder = hf_model_dir
+def _half_precision_matches(model, folder: str, precision, torch_dtype, jax_dtype, native_tol: float) -> None:
     b = JaxBackend.new()
     b.load_model(folder, ModelConfig(quantization=precision))
-    assert {x.dtype for x in jax.tree_util.tree_leaves(b.params)} == {jnp.dtype(JAX_DTYPES[torch_dtype])}
+    assert {x.dtype for x in jax.tree_util.tree_leaves(b.params)} == {jnp.dtype(jax_dtype)}
     tokens = rng_tokens(SEQ, seed=9)
     ours = np.asarray(_forward(b.params, jnp.asarray(tokens), cfg=b.config))
     # The same rounded weights computed in float32 by transformers: what we compute.
@@ -162,6 +168,18 @@ def test_half_precision_storage_matches_transformers(hf_model_dir, precision, to
     ids = [0] + rng_tokens(9, seed=4)[0].tolist()
     greedy = GenerateParams(max_tokens=24, temperature=0.0, repetition_penalty=1.0)
     assert b.generate_tokens(ids, greedy) == hf_greedy(rounded, ids, 24)
+
+
+def test_bf16_storage_matches_transformers(hf_model_dir):
+    """bf16, what the embedded model ships in, on every family."""
+    _, model, folder = hf_model_dir
+    _half_precision_matches(model, folder, Precision.BF16, torch.bfloat16, jnp.bfloat16, BF16_NATIVE_TOL)
+
+
+def test_fp16_storage_matches_transformers(llama_dir):
+    """fp16 on Llama: the storage cast does not depend on the family."""
+    model, folder = llama_dir
+    _half_precision_matches(model, folder, Precision.FP16, torch.float16, jnp.float16, FP16_NATIVE_TOL)
 
 
 def test_linear_rope_scaling_matches_transformers(tmp_path):
