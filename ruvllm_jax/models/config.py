@@ -8,15 +8,15 @@ tied embeddings, explicit `head_dim`, and the RoPE variants (default, linear, ll
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from ruvllm_jax.errors import ModelError, NotFoundError, RuvIoError
+from ruvllm_jax.errors import ModelError, NotFoundError
 from ruvllm_jax.kernels.config import AttentionConfig
+from ruvllm_jax.models.json_io import read_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -192,13 +192,7 @@ class LlamaConfig:
     def from_json_file(cls, path: str | os.PathLike) -> "LlamaConfig":
         if not os.path.isfile(path):
             raise NotFoundError(f"config file {os.fspath(path)!r} does not exist")
-        try:
-            with open(path, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, over-long ints
-            raise ModelError(f"config file {os.fspath(path)!r} is not valid JSON: {e}") from None
-        except OSError as e:
-            raise RuvIoError(f"cannot read config file {os.fspath(path)!r}: {e}") from None
+        cfg = read_json(path, "config file")
         if not isinstance(cfg, dict):
             raise ModelError(f"config file {os.fspath(path)!r} holds {type(cfg).__name__}, expected an object")
         return cls.from_hf_dict(cfg, source=os.fspath(path))

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ruvllm_jax.errors import ModelError, NotFoundError, RuvIoError
+from ruvllm_jax.errors import ModelError, NotFoundError
+from ruvllm_jax.models import json_io
 from ruvllm_jax.models.config import LlamaConfig, token_ids
 from ruvllm_jax.models.safetensors_io import FLOAT_DTYPES, open_checkpoint, save_file
 
@@ -204,13 +205,7 @@ def read_json(path: str) -> Optional[dict]:
     """A JSON file's object, None if the file is absent; `ModelError` if it is not valid JSON."""
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, over-long ints
-        raise ModelError(f"{path!r} is not valid JSON: {e}") from None
-    except OSError as e:
-        raise RuvIoError(f"cannot read {path!r}: {e}") from None
+    return json_io.read_json(path)
 
 
 def load_config(folder: str) -> LlamaConfig:

@@ -37,6 +37,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from ruvllm_jax.errors import ModelError, NotFoundError, RuvIoError
+from ruvllm_jax.models.json_io import read_json
 
 # The dtypes this loader reads, as numpy dtypes.
 _DTYPES = {
@@ -367,13 +368,7 @@ def _plain_relative(name: str) -> bool:
 
 def read_shard_index(index: str, folder: str) -> dict[str, str]:
     """A `model.safetensors.index.json`'s weight_map {tensor: shard file}, every shard inside `folder` and present."""
-    try:
-        with open(index, encoding="utf-8") as f:
-            data = json.load(f)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, over-long ints
-        raise ModelError(f"shard index {index!r} is not valid JSON: {type(e).__name__}: {e}") from None
-    except OSError as e:
-        raise RuvIoError(f"cannot read shard index {index!r}: {e}") from None
+    data = read_json(index, "shard index")
     if not isinstance(data, dict):
         raise ModelError(f"shard index {index!r} holds {_show(data)}, expected an object with a 'weight_map'")
     if "weight_map" not in data:
