@@ -30,14 +30,6 @@ SAMPLED = GenerateParams(max_tokens=40, temperature=1.0, top_p=1.0, repetition_p
 GREEDY = GenerateParams(max_tokens=32, temperature=0.0, repetition_penalty=1.0)
 
 
-@pytest.fixture(scope="module")
-def backend(llama_dir):
-    _, folder = llama_dir
-    b = JaxBackend.new()
-    b.load_model(folder)
-    return b
-
-
 def stream_pieces(backend, prompt, params, stop_after=None):
     pieces = []
 

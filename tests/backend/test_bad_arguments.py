@@ -36,14 +36,6 @@ PARAMS_EXAMPLES = 300
 TOKEN_EXAMPLES = 100
 
 
-@pytest.fixture(scope="module")
-def backend(llama_dir):
-    _, folder = llama_dir
-    b = JaxBackend.new()
-    b.load_model(folder)
-    return b
-
-
 def tree_hash(tree) -> str:
     """sha256 over every leaf's path, dtype, shape and bytes."""
     h = hashlib.sha256()

@@ -22,14 +22,6 @@ from ruvllm_jax.types import GenerateParams, ModelConfig
 SAMPLED = GenerateParams(max_tokens=40, temperature=1.0, top_p=1.0, repetition_penalty=1.0, seed=7)
 
 
-@pytest.fixture(scope="module")
-def backend(llama_dir):
-    _, folder = llama_dir
-    b = JaxBackend.new()
-    b.load_model(folder)
-    return b
-
-
 @pytest.mark.parametrize("prompt, max_tokens, ctx, expected", [
     (1, 1, 4096, (16, 64)),
     (16, 48, 4096, (16, 64)),
