@@ -11,7 +11,8 @@ Axis legend, used by every shape comment in the package:
 Layers: `models/` (the pure model: one layer body, one attention path), `cache/` (KV stores that
 hand attention their contents as parts), `kernels/` (Pallas and jnp attention over arrays),
 `backend/` (the jitted generation engine and the `JaxBackend` facade), `lora/` (MicroLoRA and
-EWC++), `training/` (the training loop and scoring).
+EWC++), `sona/` (the instant, background and deep learning loops), `training/` (the training loop and
+scoring).
 """
 
 from ruvllm_jax.backend import JaxBackend, LlmBackend, Tokenizer
@@ -58,6 +59,15 @@ from ruvllm_jax.lora import (
     TargetModule,
 )
 from ruvllm_jax.models.config import LlamaConfig
+from ruvllm_jax.sona import (
+    AdaptationResult,
+    ConsolidationStrategy,
+    LearningLoopStats,
+    SonaLlm,
+    SonaLlmConfig,
+    TrainingConfig,
+    TrainingSample,
+)
 from ruvllm_jax.types import (
     DeviceType,
     GenerateParams,
@@ -88,4 +98,7 @@ __all__ = [
     "paged_attention",
     # adapters
     "AdaptFeedback", "EwcState", "MicroLoRA", "MicroLoraConfig", "MicroLoraStats", "TargetModule",
+    # learning while serving
+    "AdaptationResult", "ConsolidationStrategy", "LearningLoopStats", "SonaLlm", "SonaLlmConfig", "TrainingConfig",
+    "TrainingSample",
 ]

@@ -172,6 +172,39 @@ def _kernel(kernel: Optional[KernelOptions], impl: Optional[str], interpret: Opt
     return kernel
 
 
+def embed(params: Params, tokens: jax.Array) -> jax.Array:
+    """Token embeddings in f32: tokens [B, S] -> x [B, S, E], the residual stream entering layer 0."""
+    return params["embed"][tokens].astype(jnp.float32)
+
+
+def _prompt_layers(params, cfg, x, cache, adapters, kernel, start: int, stop: int):
+    s = x.shape[1]
+    cos, sin = rope_tables(cfg, jnp.arange(s)[None, :])
+    for i in range(start, stop):
+        attend = functools.partial(_prompt_attend, cache=cache, layer=i, cfg=cfg, kernel=kernel)
+        x, cache = _block(params["layers"][i], cfg, x, cos, sin, _layer_adapters(adapters, i), attend)
+    return x, cache
+
+
+def run_layers(
+    params: Params, cfg: LlamaConfig, x: jax.Array, start: int, stop: int, *, adapters: Adapters = None,
+    kernel: Optional[KernelOptions] = None,
+) -> jax.Array:
+    """The residual stream x [B, S, E] (positions 0..S-1) through layers [start, stop), no cache.
+
+    `forward` is `head_logits(run_layers(embed(tokens), 0, num_layers))`; splitting it lets a learner
+    run the layers it does not train once, without a gradient, and differentiate only the rest.
+    """
+    if not 0 <= start <= stop <= cfg.num_layers:
+        raise ConfigError(f"layers [{start}, {stop}) are not a range of the model's {cfg.num_layers} layers")
+    return _prompt_layers(params, cfg, x, None, adapters, _kernel(kernel, None, None), start, stop)[0]
+
+
+def head_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
+    """Final norm and vocabulary projection: x [..., E] -> logits [..., V]."""
+    return _logits(params, cfg, x)
+
+
 def prefill(
     params: Params,
     cfg: LlamaConfig,
@@ -192,12 +225,9 @@ def prefill(
     """
     kernel = _kernel(kernel, impl, interpret)
     b, s = tokens.shape
-    x = params["embed"][tokens].astype(jnp.float32)
+    x = embed(params, tokens)
     chex.assert_shape(x, (b, s, cfg.hidden_size))
-    cos, sin = rope_tables(cfg, jnp.arange(s)[None, :])
-    for i, lp in enumerate(params["layers"]):
-        attend = functools.partial(_prompt_attend, cache=cache, layer=i, cfg=cfg, kernel=kernel)
-        x, cache = _block(lp, cfg, x, cos, sin, _layer_adapters(adapters, i), attend)
+    x, cache = _prompt_layers(params, cfg, x, cache, adapters, kernel, 0, cfg.num_layers)
     if logit_positions is not None:
         x = jnp.take_along_axis(x, logit_positions[:, None, None], axis=1)[:, 0]
     return _logits(params, cfg, x), cache

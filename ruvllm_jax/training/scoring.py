@@ -3,11 +3,14 @@
 Windows of `context` tokens start every `stride` tokens; each window scores only the tokens that
 no earlier window scored, so every token (but the first, which has no left context) is scored
 exactly once, with up to `context - 1` tokens of left context (at least `context - stride`).
-All windows are padded to one shape, so the scorer compiles once per (batch, context).
+All windows are padded to one shape, so the scorer compiles once per (batch, context). Optional
+LoRA `adapters` (the pytree `llama.forward` takes) are a jit argument, not a closure constant: the
+scorer compiles once per adapter structure, and new adapter values (a learning loop's) reuse it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -53,25 +56,25 @@ def _window_arrays(ids: np.ndarray, context: int, stride: int):
     return inputs, targets, mask
 
 
-def _make_scorer(cfg: LlamaConfig):
-    @jax.jit
-    def score(params, inputs, targets, mask):
-        logits = llama.forward(params, cfg, inputs)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        return jnp.sum(nll * mask)
-
-    return score
+@functools.partial(jax.jit, static_argnames="cfg")
+def _score(params, cfg: LlamaConfig, inputs, targets, mask, adapters=None):
+    """Summed nats of the masked targets. Module-level and keyed on the (hashable, frozen) cfg, so
+    repeated `score_text` calls reuse one compilation per shape and adapter structure."""
+    logits = llama.forward(params, cfg, inputs, adapters=adapters)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * mask)
 
 
 def score_text(
     params, cfg: LlamaConfig, token_ids: np.ndarray, context: Optional[int] = None, stride: Optional[int] = None,
-    *, batch_size: int = 8, byte_lengths: Optional[np.ndarray] = None,
+    *, batch_size: int = 8, byte_lengths: Optional[np.ndarray] = None, adapters=None,
 ) -> tuple[float, int] | tuple[float, int, int]:
     """(total_nats, n_tokens) over tokens 1..N-1 of `token_ids` [N]; with `byte_lengths` [V] also
     the UTF-8 byte count of the scored tokens (for bits per byte).
 
-    `context` defaults to `cfg.max_position_embeddings`, `stride` to half of it.
+    `context` defaults to `cfg.max_position_embeddings`, `stride` to half of it. `adapters` (None, or
+    the LoRA pytree `llama.forward` takes, e.g. `MicroLoRA.adapters`) are applied in every window.
     """
     ids = np.asarray(token_ids, np.int32)
     context = cfg.max_position_embeddings if context is None else context
@@ -81,11 +84,11 @@ def score_text(
     if pad:
         z = lambda a: np.concatenate([a, np.zeros((pad, context), a.dtype)])  # noqa: E731
         inputs, targets, mask = z(inputs), z(targets), z(mask)
-    score = _make_scorer(cfg)
     total = 0.0
     for i in range(0, len(inputs), batch_size):
         sl = slice(i, i + batch_size)
-        total += float(score(params, jnp.asarray(inputs[sl]), jnp.asarray(targets[sl]), jnp.asarray(mask[sl])))
+        total += float(_score(params, cfg, jnp.asarray(inputs[sl]), jnp.asarray(targets[sl]), jnp.asarray(mask[sl]),
+                              adapters))
     n_tokens = int(mask.sum())
     if byte_lengths is None:
         return total, n_tokens

@@ -106,11 +106,18 @@ def next_token_loss(params, cfg: LlamaConfig, batch: Batch) -> tuple[jax.Array, 
     return nll.mean(), jnp.asarray(nll.size, jnp.float32)
 
 
-def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation) -> Callable:
-    """`train_step(state, batch) -> (state, metrics)`, jitted, state donated."""
+def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation,
+                    loss_fn: Optional[Callable] = None) -> Callable:
+    """`train_step(state, batch, *frozen) -> (state, metrics)`, jitted, state donated.
 
-    def train_step(state: TrainState, batch: Batch):
-        (loss, _), grads = jax.value_and_grad(next_token_loss, has_aux=True)(state.params, cfg, batch)
+    `loss_fn(params, cfg, batch, *frozen) -> (loss, count)` defaults to `next_token_loss` over the
+    model params; SONA's deep loop passes an adapter loss, with the frozen model params (and the EWC++
+    state) as the extra, undifferentiated arguments.
+    """
+    loss_fn = next_token_loss if loss_fn is None else loss_fn
+
+    def train_step(state: TrainState, batch, *frozen):
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, cfg, batch, *frozen)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)

@@ -82,3 +82,37 @@ def test_byte_count_is_of_the_scored_tokens(params):
     lengths = np.arange(CFG.vocab_size)
     _, n, n_bytes = scoring.score_text(params, CFG, ids, 16, 8, byte_lengths=lengths)
     assert (n, n_bytes) == (3, 5 + 7 + 9)
+
+
+def _random_adapters(seed: int, b_std: float) -> dict:
+    """Q/V LoRA on every layer of CFG, in the pytree `llama.forward(..., adapters=...)` takes."""
+    rng = np.random.default_rng(seed)
+    out = {"q": CFG.q_size, "v": CFG.kv_size}
+    layer = lambda: {k: {"A": jnp.asarray(rng.normal(size=(CFG.hidden_size, 2)), jnp.float32),  # noqa: E731
+                         "B": jnp.asarray(b_std * rng.normal(size=(2, n)), jnp.float32),
+                         "scaling": jnp.float32(2.0)} for k, n in out.items()}
+    return {"layers": [layer() for _ in range(CFG.num_layers)]}
+
+
+def test_adapters_change_the_score_as_a_direct_forward_does(params):
+    """Adapters with non-zero B reach the model: the score moves, and equals the one computed from
+    `llama.forward(..., adapters=...)` directly; new adapter values reuse the compiled scorer."""
+    ids = np.random.default_rng(3).integers(0, CFG.vocab_size, 16).astype(np.int32)
+    adapters = _random_adapters(0, 0.5)
+    logp = jax.nn.log_softmax(llama.forward(params, CFG, jnp.asarray(ids[None]), adapters=adapters), axis=-1)[0]
+    want = -float(jnp.sum(logp[jnp.arange(15), ids[1:]]))
+    plain, _ = scoring.score_text(params, CFG, ids, 16, 8)
+    got, n = scoring.score_text(params, CFG, ids, 16, 8, adapters=adapters)
+    assert n == 15
+    assert abs(got - plain) > 1e-3 * plain, (got, plain)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    compiled = scoring._score._cache_size()
+    other, _ = scoring.score_text(params, CFG, ids, 16, 8, adapters=_random_adapters(1, 0.5))
+    assert other != got and scoring._score._cache_size() == compiled  # same structure: no recompile
+
+
+def test_zero_b_adapters_leave_the_score_unchanged(params):
+    ids = np.random.default_rng(4).integers(0, CFG.vocab_size, 40).astype(np.int32)
+    plain, _ = scoring.score_text(params, CFG, ids, 16, 8)
+    zero, _ = scoring.score_text(params, CFG, ids, 16, 8, adapters=_random_adapters(0, 0.0))
+    np.testing.assert_allclose(zero, plain, rtol=1e-6)
