@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sona.ewc_lambda = 1000.0
     c.sona.kl_lambda = 10.0
     c.sona.replay_batch = 4
+    c.sona.ewc_off_lr_scales = (1.0, 0.3, 0.1)  # the EWC-off rows: every learning rate scaled by these
     c.sona.fisher_samples = 64
     c.sona.fisher_sample_tokens = 127
     c.output = "experiments/results/sona_continual.json"

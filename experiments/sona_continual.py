@@ -151,9 +151,12 @@ def sona_methods(c, backend) -> list[tuple[str, TrainFn]]:
                  sona_stream(backend, _sona_config(c), background=True, deep=True)))
     rows.append(("sona ... + deep, diagonal EWC only (no anchor KL)",
                  sona_stream(backend, _sona_config(c, tc_kl_lambda=0.0), background=True, deep=True)))
-    rows.append(("sona ... + deep, EWC off",
-                 sona_stream(backend, _sona_config(c, tc_kl_lambda=0.0, tc_ewc_lambda=0.0), background=True,
-                             deep=True)))
+    for f in c.sona.ewc_off_lr_scales:  # EWC off at smaller rates: its own frontier, to compare at equal gain
+        s = c.sona
+        cfg = _sona_config(c, tc_kl_lambda=0.0, tc_ewc_lambda=0.0, tc_learning_rate=s.deep_lr * f,
+                           instant_lr=s.instant_lr * f, background_lr=s.background_lr * f)
+        name = "sona ... + deep, EWC off" + ("" if f == 1 else f", all rates x{f:g}")
+        rows.append((name, sona_stream(backend, cfg, background=True, deep=True)))
     return rows
 
 
@@ -163,6 +166,32 @@ METHODS: dict[str, Callable[..., list[tuple[str, TrainFn]]]] = {
                                                                               seed=c.seed)) for lr in c.lrs],
     "sona": sona_methods,
 }
+
+
+def forgetting_at_gain(frontier: list[dict], gain: float) -> float | None:
+    """The forgetting a frontier (rows of one method family) shows at `gain`, by linear interpolation
+    between its two runs around it (None when `gain` is outside its range)."""
+    pts = sorted((r["gain_pct"], r["forgetting_pct"]) for r in frontier)
+    for (g0, f0), (g1, f1) in zip(pts, pts[1:], strict=False):
+        if g0 <= gain <= g1 and g1 > g0:
+            return f0 + (gain - g0) / (g1 - g0) * (f1 - f0)
+    return None
+
+
+def equal_gain_comparison(rows: list[dict]) -> list[dict]:
+    """Each SONA row with EWC on against the EWC-off runs and the plain-Adam frontier at its gain."""
+    out = []
+    for domain in sorted({r["domain"] for r in rows}):
+        rs = [r for r in rows if r["domain"] == domain]
+        off = [r for r in rs if "EWC off" in r["method"]]
+        plain = [r for r in rs if r["method"].startswith("plain adam")]
+        for r in rs:
+            if r["method"].startswith("sona") and "EWC off" not in r["method"] and r["gain_pct"] > 0:
+                out.append({"domain": domain, "method": r["method"], "gain_pct": r["gain_pct"],
+                            "forgetting_pct": r["forgetting_pct"],
+                            "ewc_off_forgetting_at_gain": forgetting_at_gain(off, r["gain_pct"]),
+                            "plain_adam_forgetting_at_gain": forgetting_at_gain(plain, r["gain_pct"])})
+    return out
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -235,9 +264,16 @@ def main(argv):
                       f"({row['seconds']:.1f}s train, {1e3 * row['seconds'] / row['steps']:.0f} ms/step; "
                       f"{row['eval_seconds']:.1f}s eval)", flush=True)
     print(markdown_table(rows))
+    comparison = equal_gain_comparison(rows)
+    for r in comparison:
+        fmt = lambda v: "n/a (outside its range)" if v is None else f"{v:.2f} %"  # noqa: E731
+        print(f"{r['domain']}, {r['method']}: gain {r['gain_pct']:.1f} % at forgetting {r['forgetting_pct']:.2f} %; "
+              f"at that gain EWC off forgets {fmt(r['ewc_off_forgetting_at_gain'])}, plain Adam "
+              f"{fmt(r['plain_adam_forgetting_at_gain'])}")
     os.makedirs(os.path.dirname(c.output), exist_ok=True)
     with open(c.output, "w", encoding="utf-8") as f:
-        json.dump({"config": c.to_dict(), "model_path": os.path.relpath(folder), "rows": rows}, f, indent=1)
+        json.dump({"config": c.to_dict(), "model_path": os.path.relpath(folder), "rows": rows,
+                   "equal_gain": comparison}, f, indent=1)
     plot_frontier(rows, c.plot)
     print(f"wrote {c.output} and {c.plot}")
 

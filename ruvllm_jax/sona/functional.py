@@ -129,17 +129,35 @@ def mean_logprob(model_params, cfg: LlamaConfig, adapters, tokens: jax.Array, we
     return _mean_logprob(llama.forward(model_params, cfg, tokens, adapters=adapters), tokens, weights)
 
 
+def _without_replay(state: SonaState) -> SonaState:
+    """The state without its replay set: the serving-side steps never read it, and leaving it out of
+    their arguments keeps a new replay shape from recompiling them."""
+    return state.replace(replay_tokens=None, replay_weights=None)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def served_logprob(state: SonaState, model_params, tokens, weights, *, cfg: LlamaConfig) -> jax.Array:
-    """[B] mean log-prob per response token under the served adapters."""
+def _served_logprob(state: SonaState, model_params, tokens, weights, *, cfg: LlamaConfig) -> jax.Array:
     return mean_logprob(model_params, cfg, served_adapters(state), tokens, weights)
+
+
+def served_logprob(state: SonaState, model_params, tokens, weights, *, cfg: LlamaConfig) -> jax.Array:
+    """[B] mean log-prob per response token under the served adapters (jitted)."""
+    return _served_logprob(_without_replay(state), model_params, tokens, weights, cfg=cfg)
 
 
 # -- the instant loop -----------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("cfg", "first_layer"))
 def instant_step(state: SonaState, model_params, tokens: jax.Array, weights: jax.Array, advantage, lr, *,
                  cfg: LlamaConfig, first_layer: int = 0):
+    """One optax step on the instant delta (jitted; see `_instant_step`)."""
+    new, update, before, after = _instant_step(_without_replay(state), model_params, tokens, weights, advantage,
+                                               lr, cfg=cfg, first_layer=first_layer)
+    return new.replace(replay_tokens=state.replay_tokens, replay_weights=state.replay_weights), update, before, after
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "first_layer"))
+def _instant_step(state: SonaState, model_params, tokens: jax.Array, weights: jax.Array, advantage, lr, *,
+                  cfg: LlamaConfig, first_layer: int = 0):
     """One optax step on the instant delta: ascent on advantage · mean log p(response | request).
 
     tokens, weights [S] (`lora.objective.pack`). The gradient reaches the delta of layers
@@ -276,8 +294,10 @@ def refresh_fisher(state: SonaState, fisher_new: Tree, decay: float, replay_toke
     fisher = jax.tree.map(lambda f, n: jnp.where(first, n, (1.0 - decay) * f + decay * n), state.fisher, fisher_new)
     state = state.replace(fisher=fisher, anchor=live(state), fisher_updates=state.fisher_updates + 1)
     if replay_tokens is not None:
-        state = state.replace(replay_tokens=jnp.asarray(replay_tokens, jnp.int32),
-                              replay_weights=jnp.asarray(replay_weights, jnp.float32))
+        # committed to the state's device, like every other leaf (an uncommitted one recompiles the steps)
+        device = list(state.scaling.devices())[0]
+        state = state.replace(replay_tokens=jax.device_put(jnp.asarray(replay_tokens, jnp.int32), device),
+                              replay_weights=jax.device_put(jnp.asarray(replay_weights, jnp.float32), device))
     return state
 
 

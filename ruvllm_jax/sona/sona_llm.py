@@ -160,10 +160,9 @@ class SonaLlm:
         the model, weighted by the advantage; the sample then waits for the background loop."""
         q = check_quality(quality)
         with self._lock:
-            tokens, weights = self.encode(request, response)
+            tokens, weights = self.encode(request, response)  # checked before anything changes
             self._ensure_fisher()
             t0 = time.perf_counter()
-            tokens, weights = self.encode(request, response)
             adv = self._advantage(q)
             state, update, before, after = F.instant_step(
                 self.state, self.backend.params, jnp.asarray(tokens), jnp.asarray(weights), jnp.float32(adv),
@@ -183,6 +182,13 @@ class SonaLlm:
         return AdaptationResult(applied=adv != 0.0 and self.config.instant_lr > 0, latency_us=latency,
                                 quality_delta=after - before, samples_used=1, loop="instant",
                                 logprob_before=before, logprob_after=after)
+
+    def logprob(self, request: str, response: str) -> float:
+        """The served model's mean log-prob per token of `response` given `request`."""
+        tokens, weights = self.encode(request, response)
+        with self._lock:
+            return float(F.served_logprob(self.state, self.backend.params, jnp.asarray(tokens)[None],
+                                          jnp.asarray(weights)[None], cfg=self.model_config)[0])
 
     # -- the background loop -----------------------------------------------------------------------------------
     def _served_logprob(self, samples: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> float:
@@ -459,10 +465,12 @@ class SonaLlm:
 
     def _tree(self) -> dict:
         s = self.state
-        return {"members": list(s.members), "delta": s.delta, "scaling": s.scaling, "instant_opt": s.instant_opt,
+        tree = {"members": list(s.members), "delta": s.delta, "scaling": s.scaling, "instant_opt": s.instant_opt,
                 "fisher": s.fisher, "anchor": s.anchor, "fisher_updates": s.fisher_updates,
-                "replay_tokens": s.replay_tokens, "replay_weights": s.replay_weights,
                 "pending": [{"tokens": p.tokens, "weights": p.weights, "update": p.update} for p in self.pending]}
+        if s.replay_tokens.size:  # orbax refuses zero-size arrays: an empty replay set is only in the meta
+            tree.update(replay_tokens=s.replay_tokens, replay_weights=s.replay_weights)
+        return tree
 
     def _meta(self) -> dict:
         return {"format": "ruvllm_jax.sona/1", "signature": self._signature(),
@@ -533,12 +541,14 @@ class SonaLlm:
                 "members": [member] * int(meta["members"]), "delta": fresh.delta, "scaling": fresh.scaling,
                 "instant_opt": fresh.instant_opt, "fisher": fresh.fisher, "anchor": fresh.anchor,
                 "fisher_updates": fresh.fisher_updates,
-                "replay_tokens": np.zeros(meta["replay_shape"], np.int32),
-                "replay_weights": np.zeros(meta["replay_shape"], np.float32),
                 "pending": [{"tokens": np.zeros((p["length"],), np.int32),
                              "weights": np.zeros((p["length"],), np.float32), "update": fresh.delta}
                             for p in meta["pending"]],
             }
+            replay = {"replay_tokens": np.zeros(meta["replay_shape"], np.int32),
+                      "replay_weights": np.zeros(meta["replay_shape"], np.float32)}
+            if replay["replay_tokens"].size:  # saved only when non-empty (see `_tree`)
+                template.update(replay)
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
             try:
                 tree = ocp.StandardCheckpointer().restore(os.path.join(path, _STATE), abstract)
@@ -549,8 +559,10 @@ class SonaLlm:
                 raise StorageError(f"the SONA checkpoint at {path!r} holds non-finite values")
             state = F.SonaState(members=tuple(tree["members"]), delta=tree["delta"], scaling=tree["scaling"],
                                 instant_opt=tree["instant_opt"], fisher=tree["fisher"], anchor=tree["anchor"],
-                                fisher_updates=tree["fisher_updates"], replay_tokens=tree["replay_tokens"],
-                                replay_weights=tree["replay_weights"], instant_optimizer=self.config.instant_optimizer)
+                                fisher_updates=tree["fisher_updates"],
+                                replay_tokens=tree.get("replay_tokens", replay["replay_tokens"]),
+                                replay_weights=tree.get("replay_weights", replay["replay_weights"]),
+                                instant_optimizer=self.config.instant_optimizer)
             self.state = jax.device_put(state, jax.devices()[0])
             self.pending = [PendingSample(np.asarray(p["tokens"]), np.asarray(p["weights"]), m["quality"],
                                           m["advantage"], p["update"]) for p, m in zip(tree["pending"], meta["pending"],
