@@ -204,25 +204,36 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot_frontier(rows: list[dict], path: str) -> None:
-    """Gain (y) against forgetting (x), one labelled point per run; up and left is better."""
+    """Gain (y) against forgetting (x), one panel per domain: the plain-Adam frontier and the EWC-off
+    runs as lines (their learning rates), every other method as a labelled point; up and left is better."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for domain in sorted({r["domain"] for r in rows}):
+    domains = sorted({r["domain"] for r in rows})
+    fig, axes = plt.subplots(1, len(domains), figsize=(7 * len(domains), 5.5), squeeze=False)
+    for ax, domain in zip(axes[0], domains, strict=True):
         rs = [r for r in rows if r["domain"] == domain]
-        ax.scatter([r["forgetting_pct"] for r in rs], [r["gain_pct"] for r in rs], label=domain)
-        for r in rs:
-            ax.annotate(r["method"], (r["forgetting_pct"], r["gain_pct"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("forgetting: Shakespeare validation ppl increase (%)")
-    ax.set_ylabel("gain: new-domain held-out ppl decrease (%)")
-    ax.set_title("Continual learning frontier (one pass, tiny-shakespeare model)")
-    ax.margins(x=0.2, y=0.1)  # room for the labels
-    ax.grid(alpha=0.3)
-    ax.legend(title="new domain")
+        for family, style in (("plain adam", "o-"), ("EWC off", "s--")):
+            line = sorted((r for r in rs if family in r["method"]), key=lambda r: r["gain_pct"])
+            if line:
+                ax.plot([r["forgetting_pct"] for r in line], [r["gain_pct"] for r in line], style,
+                        label=family + (" (the frontier)" if family == "plain adam" else " (SONA, rates scaled)"))
+        points = [r for r in rs if "plain adam" not in r["method"] and "EWC off" not in r["method"]]
+        for i, r in enumerate(points):
+            label = r["method"].replace("sona instant + background ", "bg ").replace("sona ", "")
+            ax.scatter([r["forgetting_pct"]], [r["gain_pct"]], zorder=3)
+            ax.annotate(label, (r["forgetting_pct"], r["gain_pct"]), textcoords="offset points",
+                        xytext=(6, 8 - 11 * (i % 3)), fontsize=7)
+        ax.axhline(30, color="grey", lw=0.6, ls=":")
+        ax.axvline(2, color="grey", lw=0.6, ls=":")
+        ax.set_xlabel("forgetting: Shakespeare validation ppl increase (%)")
+        ax.set_ylabel(f"gain: {domain} held-out ppl decrease (%)")
+        ax.set_title(f"{domain}: one pass over {rs[0]['steps']} passages (target: gain >= 30 %, forgetting <= 2 %)",
+                     fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
