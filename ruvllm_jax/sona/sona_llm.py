@@ -96,6 +96,9 @@ class SonaLlm:
         if (lora_cfg.in_features, lora_cfg.out_features) != (cfg.hidden_size, cfg.hidden_size):
             raise SonaError(f"micro_lora in/out features ({lora_cfg.in_features}, {lora_cfg.out_features}) do not "
                             f"match the model's hidden size {cfg.hidden_size}; use MicroLoraConfig.for_model")
+        if lora_cfg.dropout > 0 or lora_cfg.gradient_checkpointing:
+            raise SonaError(f"micro_lora dropout {lora_cfg.dropout} / gradient_checkpointing "
+                            f"{lora_cfg.gradient_checkpointing}: SONA's steps do not apply them yet; use 0 / False")
         if config.instant_layers is not None and config.instant_layers > cfg.num_layers:
             raise SonaError(f"instant_layers {config.instant_layers} exceeds the model's {cfg.num_layers} layers")
         self.config, self.backend, self.model_config, self.lora_config = config, backend, cfg, lora_cfg

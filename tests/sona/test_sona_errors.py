@@ -82,3 +82,19 @@ def test_numeric_ratings_of_any_real_type_are_accepted(learned, oracle, quality)
     res = learned.instant_adapt(oracle.REQUEST, oracle.RESPONSE, quality)
     assert res.applied and learned.pending[-1].quality == float(quality)
     assert learned.pending[-1].advantage == pytest.approx(float(quality) - 0.5)
+
+
+@pytest.mark.parametrize("kw", [{"dropout": 0.1}, {"gradient_checkpointing": True}])
+def test_micro_lora_options_sona_does_not_apply_are_refused(kw):
+    from ruvllm_jax import JaxBackend, MicroLoraConfig, SonaError, SonaLlm, SonaLlmConfig
+
+    backend = JaxBackend()
+    backend.load_model()
+    lora = MicroLoraConfig.for_model(backend.config, **({"dropout": kw["dropout"]} if "dropout" in kw else {}))
+    if "gradient_checkpointing" in kw:
+        import dataclasses
+
+        lora = dataclasses.replace(lora, gradient_checkpointing=True)
+    with pytest.raises(SonaError, match="do not apply them yet"):
+        SonaLlm(SonaLlmConfig(micro_lora=lora, fisher_samples=0), backend=backend)
+    assert backend.adapters is None  # nothing attached
