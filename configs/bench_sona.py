@@ -6,7 +6,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ""  # empty: the embedded model
-    c.parts = "latency,layer_gain,serving,preference"
+    c.parts = "bucket_ab,latency,layer_gain,serving,preference"
+    c.merge = False  # True: update the parts run in an existing output JSON, keep the others
+    c.ab_rounds = 3
     # latency: instant_adapt on a request of request_tokens and responses of each length
     c.request_tokens = 16
     c.response_lengths = (16, 64, 256)
@@ -19,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     # serving: `requests` greedy generations of new_tokens each, median of serving_repeats runs
     c.requests = 8
     c.new_tokens = 64
-    c.serving_repeats = 3
+    c.serving_repeats = 7
     # preference: trials x steps of (reward one response, penalise the other)
     c.preference_trials = 10
     c.preference_steps = 3

@@ -2,6 +2,7 @@
 
     python experiments/bench_sona.py --config=configs/bench_sona.py
 
+0. `bucket_ab`: the instant step's padding, power-of-two buckets against multiples of 32, in one run.
 1. `instant_adapt` latency (median, p99) against response length, with the gradient through all
    layers and through the last layer only (`SonaLlmConfig.instant_layers=1`), and what the last-layer
    gradient costs in gain (one instant-only pass over the study's passages, held-out perplexity).
@@ -66,6 +67,34 @@ def latency(backend, c) -> list[dict]:
     return rows
 
 
+def bucket_ab(backend, c) -> list[dict]:
+    """Padding before/after in one process, alternating: power-of-two buckets (the old `encode`) against
+    multiples of 32 (`sona_llm.BUCKET_STEP`), all-layer gradient, medians of `c.ab_rounds` rounds."""
+    from ruvllm_jax.sona import SonaLlm, SonaLlmConfig, sona_llm
+
+    tok = backend.tokenizer()
+    request = _words(tok, c.request_tokens)
+    step0, res = sona_llm.BUCKET_STEP, {}
+    try:
+        for _ in range(c.ab_rounds):
+            for name, step in (("power of two", 10 ** 9), ("multiple of 32", 32)):
+                sona_llm.BUCKET_STEP = step
+                sona = SonaLlm(SonaLlmConfig(instant_optimizer="adam", instant_lr=1e-4, fisher_samples=0),
+                               backend=backend)
+                for n in c.response_lengths[1:]:
+                    response = _words(tok, n, offset=1000)
+                    ts = [sona.instant_adapt(request, response, 0.9).latency_us / 1e3
+                          for _ in range(c.warmup + 10)][c.warmup:]
+                    res.setdefault((name, n), []).append(statistics.median(ts))
+    finally:
+        sona_llm.BUCKET_STEP = step0
+    rows = [{"padding": name, "response tokens": n, "median_ms": statistics.median(v), "rounds_ms": v}
+            for (name, n), v in sorted(res.items(), key=lambda kv: (kv[0][1], kv[0][0] != "power of two"))]
+    for r in rows:
+        print(f"  padding {r['padding']}, {r['response tokens']} tokens: median {r['median_ms']:.1f} ms", flush=True)
+    return rows
+
+
 def layer_gain(backend, c) -> list[dict]:
     """Instant-only learning over the study's passages: all layers vs the last layer."""
     from ruvllm_jax.sona import SonaLlm, SonaLlmConfig
@@ -122,16 +151,20 @@ def serving(backend, c) -> list[dict]:
                 sona.maybe_background()
         return generated, time.perf_counter() - t0
 
-    for mode in ("off", "adapters attached", "learning on"):
+    modes = ("off", "adapters attached", "learning on")
+    for mode in modes:
         run(mode)  # warm: compiles every shape once
-        times, generated = [], 0
-        for _ in range(c.serving_repeats):
-            generated, seconds = run(mode)
-            times.append(seconds)
-        s = statistics.median(times)
-        rows.append({"mode": mode, "requests": len(prompts), "tokens": generated, "seconds": s,
-                     "tok_per_s": generated / s})
-        print(f"  serving, learning {mode}: {generated / s:.0f} tok/s ({generated} tokens, {s:.2f} s)", flush=True)
+    times, generated = {m: [] for m in modes}, {}
+    for _ in range(c.serving_repeats):  # modes alternate, so each sees the same machine load
+        for mode in modes:
+            generated[mode], seconds = run(mode)
+            times[mode].append(seconds)
+    for mode in modes:
+        s = statistics.median(times[mode])
+        rows.append({"mode": mode, "requests": len(prompts), "tokens": generated[mode], "seconds": s,
+                     "tok_per_s": generated[mode] / s})
+        print(f"  serving, {mode}: {generated[mode] / s:.0f} tok/s ({generated[mode]} tokens, {s:.2f} s)",
+              flush=True)
     backend.detach_adapters()
     return rows
 
@@ -190,6 +223,9 @@ def main(argv):
     if "latency" in parts:
         out["instant_latency"] = latency(backend, c)
         print(markdown(out["instant_latency"]))
+    if "bucket_ab" in parts:
+        out["bucket_ab"] = bucket_ab(backend, c)
+        print(markdown([{k: v for k, v in r.items() if k != "rounds_ms"} for r in out["bucket_ab"]]))
     if "layer_gain" in parts:
         out["instant_layer_gain"] = layer_gain(backend, c)
         print(markdown(out["instant_layer_gain"]))
@@ -199,6 +235,9 @@ def main(argv):
     if "preference" in parts:
         out["preference"] = preference(backend, c)
     os.makedirs(os.path.dirname(c.output), exist_ok=True)
+    if c.merge and os.path.isfile(c.output):  # keep the parts this run did not redo
+        with open(c.output, encoding="utf-8") as f:
+            out = {**json.load(f), **out}
     with open(c.output, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1)
     print(f"wrote {c.output}")

@@ -45,6 +45,8 @@ from ruvllm_jax.sona.config import (
 )
 from ruvllm_jax.training import train as train_lib
 
+BUCKET_STEP = 32  # packed lengths beyond it are multiples of it (see `SonaLlm.encode`)
+
 
 @dataclasses.dataclass
 class PendingSample:
@@ -150,9 +152,15 @@ class SonaLlm:
         if not req:
             raise SonaError("request is empty and the tokenizer adds no BOS: a response needs a context")
         try:
-            return objective.pack(req, resp, self.model_config.vocab_size, self.model_config.max_position_embeddings)
+            tokens, weights = objective.pack(req, resp, self.model_config.vocab_size,
+                                             self.model_config.max_position_embeddings)
         except AdapterError as e:
             raise SonaError(e.message) from None
+        # Past 32 tokens, pad to a multiple of 32 instead of the next power of two: the instant step's
+        # cost is its length (80 tokens run as 96, not 128), at the price of more (bounded) shapes.
+        n = len(req) + len(resp)
+        keep = len(tokens) if n <= BUCKET_STEP else -(-n // BUCKET_STEP) * BUCKET_STEP
+        return tokens[:keep], weights[:keep]
 
     def _advantage(self, quality: float) -> float:
         return quality - self.config.neutral_quality
