@@ -24,7 +24,6 @@ from continual_data import SHAKESPEARE, Passage, heldout_ids, passages, perplexi
 from ml_collections import config_flags
 
 from ruvllm_jax.lora import AdaptFeedback, MicroLoRA
-from ruvllm_jax.models.loader import load_config, load_params
 from ruvllm_jax.training import bpe
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sona_continual.py", "Study config.")
@@ -249,11 +248,10 @@ def main(argv):
         folder = DEFAULT_MODEL_PATH
     from ruvllm_jax import JaxBackend
 
-    cfg = load_config(folder)
-    params = load_params(folder, cfg)
-    tok = bpe.load_tokenizer(folder)
-    backend = JaxBackend()
+    backend = JaxBackend()  # the SONA rows serve through it; every row reads the same params
     backend.load_model(folder)
+    cfg, params = backend.config, backend.params
+    tok = bpe.load_tokenizer(folder)
     shakespeare = heldout_ids(SHAKESPEARE, tok, c.eval_tokens)
     methods = [m.strip() for m in c.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]

@@ -281,7 +281,7 @@ def fisher_estimate(theta: Tree, frozen: tuple, scaling, model_params, tokens, w
                                  t[None], w[None])[0]
         n = jnp.maximum(jnp.sum(w[:-1]), 1.0)
         g = jax.grad(total)(theta)  # gradient of the mean; n · g is the gradient of the sum
-        return jax.tree.map(lambda x: (n * x) ** 2 / n, g)
+        return jax.tree.map(lambda x: n * x * x, g)  # (n · g)² / n
 
     return jax.tree.map(lambda s: jnp.mean(s, axis=0), jax.vmap(row)(tokens, weights))
 

@@ -18,9 +18,9 @@ Loops (see the functional module for the maths):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-import numbers
 import os
 import shutil
 import tempfile
@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ruvllm_jax.errors import AdapterError, RuvIoError, SonaError, StorageError
+from ruvllm_jax.lora import functional as lora_f
 from ruvllm_jax.lora import objective, peft_io
 from ruvllm_jax.lora.config import MicroLoraConfig, TargetModule
 from ruvllm_jax.sona import functional as F
@@ -59,20 +60,10 @@ class PendingSample:
     update: Any  # the instant step's change of the delta
 
 
-def _describe(v: Any) -> str:
-    r = repr(v)
-    return r if len(r) <= 120 else f"{r[:120]}... ({type(v).__name__} of {len(r)} characters)"
-
-
 def check_quality(quality: Any, name: str = "quality") -> float:
     """A finite real in [0, 1] (ints, floats, 0-d numeric arrays; not bools)."""
-    if isinstance(quality, (np.ndarray, jax.Array)) and quality.ndim == 0 and (
-            np.issubdtype(quality.dtype, np.integer) or np.issubdtype(quality.dtype, np.floating)):
-        quality = np.asarray(quality).item()
-    if isinstance(quality, (bool, np.bool_)) or not isinstance(quality, numbers.Real):
-        raise SonaError(f"{name} must be a rating in [0, 1], got {_describe(quality)}")
-    q = float(quality)
-    if not (math.isfinite(q) and 0.0 <= q <= 1.0):
+    q = lora_f.check_real(name, quality, SonaError)
+    if not 0.0 <= q <= 1.0:
         raise SonaError(f"{name} must be a rating in [0, 1], got {quality!r}")
     return q
 
@@ -85,12 +76,12 @@ class SonaLlm:
 
         config = SonaLlmConfig() if config is None else config
         if not isinstance(config, SonaLlmConfig):
-            raise SonaError(f"config must be a SonaLlmConfig, got {_describe(config)}")
+            raise SonaError(f"config must be a SonaLlmConfig, got {lora_f.describe(config)}")
         if backend is None:
             backend = JaxBackend()
             backend.load_model()  # the embedded model
         if not isinstance(backend, JaxBackend):
-            raise SonaError(f"backend must be a JaxBackend with a model loaded, got {_describe(backend)}")
+            raise SonaError(f"backend must be a JaxBackend with a model loaded, got {lora_f.describe(backend)}")
         cfg = backend.config  # InvalidOperationError when no model is loaded
         if backend.tokenizer() is None:
             raise SonaError("the backend's model has no tokenizer; SONA learns from request/response text")
@@ -143,7 +134,7 @@ class SonaLlm:
         tokenizer's special tokens), the response's tokens after it (weights 1 where predicted)."""
         for name, v in (("request", request), ("response", response)):
             if not isinstance(v, str):
-                raise SonaError(f"{name} must be a str, got {_describe(v)}")
+                raise SonaError(f"{name} must be a str, got {lora_f.describe(v)}")
         tok = self.backend.tokenizer()
         req = tok.encode(request)
         resp = tok.encode(response, add_special_tokens=False)
@@ -311,13 +302,13 @@ class SonaLlm:
 
     def _pack_samples(self, dataset: Any) -> list[tuple[np.ndarray, np.ndarray, float]]:
         if isinstance(dataset, (str, bytes)) or not isinstance(dataset, Sequence):
-            raise SonaError(f"dataset must be a list of TrainingSample, got {_describe(dataset)}")
+            raise SonaError(f"dataset must be a list of TrainingSample, got {lora_f.describe(dataset)}")
         if not dataset:
             raise SonaError("dataset is empty: the deep loop needs at least one TrainingSample")
         out = []
         for i, s in enumerate(dataset):
             if not isinstance(s, TrainingSample):
-                raise SonaError(f"dataset[{i}] must be a TrainingSample, got {_describe(s)}")
+                raise SonaError(f"dataset[{i}] must be a TrainingSample, got {lora_f.describe(s)}")
             q = check_quality(s.quality, f"dataset[{i}].quality")
             tokens, weights = self.encode(s.request, s.response)
             out.append((tokens, weights, self._advantage(q)))
@@ -407,7 +398,7 @@ class SonaLlm:
         c = self.config
         if texts is not None and (isinstance(texts, str) or not isinstance(texts, Sequence) or not texts
                                   or not all(isinstance(t, str) for t in texts)):
-            raise SonaError(f"texts must be a non-empty list of str, got {_describe(texts)}")
+            raise SonaError(f"texts must be a non-empty list of str, got {lora_f.describe(texts)}")
         with self._lock:
             samples = self._model_samples() if texts is None else [(*self.encode(c.fisher_prompt, t), 1.0)
                                                                   for t in texts]
@@ -440,8 +431,6 @@ class SonaLlm:
 
     def forward(self, x: Any, module: Any, *, layer: int = 0) -> jax.Array:
         """ΔW(x) of the served adapters of `module` in `layer`, x [in] or [T, in]."""
-        from ruvllm_jax.lora import functional as lora_f
-
         try:
             m = TargetModule.parse(module)
         except AdapterError as e:
@@ -502,7 +491,7 @@ class SonaLlm:
         import orbax.checkpoint as ocp
 
         if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
-            raise RuvIoError(f"checkpoint directory must be a non-empty path, got {_describe(directory)}")
+            raise RuvIoError(f"checkpoint directory must be a non-empty path, got {lora_f.describe(directory)}")
         path = os.path.abspath(os.fspath(directory))
         if os.path.lexists(path) and not os.path.isdir(path):
             raise RuvIoError(f"cannot save a SONA checkpoint to {path!r}: it exists and is not a folder")
@@ -592,21 +581,16 @@ class _Step:
     schedule: Any  # step -> learning rate (for the history)
 
 
-_STEPS: dict = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _adapter_step(cfg, key) -> _Step:
     """The project's train step (`training.train.make_train_step`) over the adapter loss, one compiled
     step per (model, optimizer settings): background EwcMerge uses Adam at a constant rate, the deep
     loop the training optimizer (clip + AdamW, warmup + cosine) of `OptimConfig`."""
     import optax
 
-    full = (cfg, key)
-    if full not in _STEPS:
-        kind, arg = key
-        if kind == "adam":
-            opt, schedule = optax.adam(arg), (lambda step, lr=arg: lr)
-        else:
-            opt, schedule = train_lib.make_optimizer(arg), train_lib.lr_schedule(arg)
-        _STEPS[full] = _Step(opt, train_lib.make_train_step(cfg, opt, F.adapter_loss), schedule)
-    return _STEPS[full]
+    kind, arg = key
+    if kind == "adam":
+        opt, schedule = optax.adam(arg), (lambda step, lr=arg: lr)
+    else:
+        opt, schedule = train_lib.make_optimizer(arg), train_lib.lr_schedule(arg)
+    return _Step(opt, train_lib.make_train_step(cfg, opt, F.adapter_loss), schedule)
