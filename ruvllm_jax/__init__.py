@@ -17,7 +17,17 @@ scoring).
 
 from ruvllm_jax.backend import JaxBackend, LlmBackend, Tokenizer
 from ruvllm_jax.backend.sampling import SamplingParams
-from ruvllm_jax.cache import ContiguousKVCache, KVCache, KVPart, PagedKVPart, SegmentedKVCache
+from ruvllm_jax.cache import (
+    CacheQuantization,
+    ContiguousKVCache,
+    KVCache,
+    KvCacheStats,
+    KVPart,
+    PagedKVPart,
+    QuantizedKVPart,
+    SegmentedKVCache,
+    TwoTierKvCache,
+)
 from ruvllm_jax.errors import (
     AdapterError,
     BackendError,
@@ -92,7 +102,8 @@ __all__ = [
     # backend
     "JaxBackend", "LlmBackend", "Tokenizer",
     # caches and attention
-    "ContiguousKVCache", "KVCache", "KVPart", "PagedKVPart", "SegmentedKVCache",
+    "ContiguousKVCache", "KVCache", "KVPart", "PagedKVPart", "QuantizedKVPart", "SegmentedKVCache",
+    "CacheQuantization", "KvCacheStats", "TwoTierKvCache",
     "AttentionConfig", "BlockSizes", "DecodeBlockSizes", "FlashBlockSizes", "KernelOptions", "PagedBlockSizes",
     "decode_attention", "flash_attention", "grouped_query_attention", "merge_attention", "multi_query_attention",
     "paged_attention",

@@ -12,7 +12,7 @@ import math
 import numbers
 from typing import Optional
 
-from ruvllm_jax.errors import ConfigError
+from ruvllm_jax.errors import ConfigError, KvCacheError
 
 
 def _is_int(v) -> bool:
@@ -174,7 +174,18 @@ DeviceType.Metal = DeviceType("metal")  # type: ignore[attr-defined]
 
 @dataclasses.dataclass(frozen=True)
 class KvCacheConfig:
-    """Two-tier KV cache layout: a high-precision tail and a quantized store."""
+    """Two-tier KV cache layout (`ruvllm_jax.cache.two_tier`): a high-precision tail, a quantized store.
+
+    RuvLLM's fields and defaults: the newest `tail_length` tokens stay in `tail_precision` (FP32,
+    FP16 or BF16); when the tail is full its oldest `migration_batch` tokens are quantized once into
+    the store (`store_precision`: Q8, Q4, or a float precision), which holds up to `max_tokens`
+    tokens in all (sinks, store and tail; the store is rounded up to whole blocks). `num_kv_heads`
+    and `head_dim` are the facade's; generation takes them from the model.
+
+    Ours: `num_sink_tokens` (default 0) keeps the first tokens forever, in tail precision;
+    `eviction` (default True) evicts the oldest store blocks past `max_tokens`, False makes an
+    append past it a `KvCacheError`. Bad values raise `KvCacheError` naming them.
+    """
 
     tail_length: int = 256
     tail_precision: Precision = Precision.FP16
@@ -183,15 +194,42 @@ class KvCacheConfig:
     num_kv_heads: int = 8
     head_dim: int = 128
     migration_batch: int = 64
+    num_sink_tokens: int = 0
+    eviction: bool = True
 
     def __post_init__(self):
         for name in ("tail_length", "max_tokens", "num_kv_heads", "head_dim", "migration_batch"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
-                raise ConfigError(f"KvCacheConfig.{name} must be an int > 0, got {value!r}")
-        for name in ("tail_precision", "store_precision"):
-            if not isinstance(getattr(self, name), Precision):
-                raise ConfigError(f"KvCacheConfig.{name} must be a Precision, got {getattr(self, name)!r}")
+                raise KvCacheError(f"KvCacheConfig.{name} must be an int > 0, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if not _is_int(self.num_sink_tokens) or self.num_sink_tokens < 0:
+            raise KvCacheError(f"KvCacheConfig.num_sink_tokens must be an int >= 0, got {self.num_sink_tokens!r}")
+        object.__setattr__(self, "num_sink_tokens", int(self.num_sink_tokens))
+        if not isinstance(self.eviction, bool):
+            raise KvCacheError(f"KvCacheConfig.eviction must be a bool, got {self.eviction!r}")
+        tails = (Precision.FP32, Precision.FP16, Precision.BF16)
+        stores = (*tails, Precision.Q8, Precision.Q4)
+        if self.tail_precision not in tails:
+            raise KvCacheError(f"KvCacheConfig.tail_precision must be one of {[p.name for p in tails]}, "
+                               f"got {self.tail_precision!r}")
+        if self.store_precision not in stores:
+            raise KvCacheError(f"KvCacheConfig.store_precision must be a cache precision, one of "
+                               f"{[p.name for p in stores]}, got {self.store_precision!r}")
+        if self.tail_length % self.migration_batch:
+            raise KvCacheError(f"KvCacheConfig.tail_length={self.tail_length} must be a multiple of "
+                               f"migration_batch={self.migration_batch} (the tail is whole blocks)")
+        if self.head_dim % 2:
+            raise KvCacheError(f"KvCacheConfig.head_dim={self.head_dim} must be even (4-bit codes pack two "
+                               "channels per byte)")
+        least = self.num_sink_tokens + self.tail_length + self.migration_batch
+        if self.max_tokens < least:
+            raise KvCacheError(
+                f"KvCacheConfig.max_tokens={self.max_tokens} leaves no store block: it must be at least "
+                f"num_sink_tokens + tail_length + migration_batch = {least}")
+
+    def replace(self, **changes) -> "KvCacheConfig":
+        return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,14 +238,18 @@ class ModelConfig:
 
     `quantization` defaults to FP32 rather than RuvLLM's Q4K: weight quantization at load is not
     implemented yet, and a default that cannot be honoured would be a stub. `use_flash_attention`
-    False forces the plain jnp attention. `kv_cache_config` is for the two-tier cache, which is not
-    built yet: generation uses the contiguous cache and does not read it.
+    False forces the plain jnp attention.
+
+    `kv_cache_config` defaults to None (not RuvLLM's two-tier default): generation then keeps every
+    key and value in a full-precision contiguous cache, exact against transformers. A
+    `KvCacheConfig` turns on the lossy two-tier quantized cache (its `num_kv_heads`/`head_dim`
+    are replaced by the model's), bounded in memory by its `max_tokens`.
     """
 
     max_context: int = 4096
     use_flash_attention: bool = True
     quantization: Precision = Precision.FP32
-    kv_cache_config: KvCacheConfig = dataclasses.field(default_factory=KvCacheConfig)
+    kv_cache_config: Optional[KvCacheConfig] = None
     device: Optional[DeviceType] = None  # None = best present
     hf_token: Optional[str] = None
 
@@ -218,8 +260,8 @@ class ModelConfig:
             raise ConfigError(f"use_flash_attention must be a bool, got {self.use_flash_attention!r}")
         if not isinstance(self.quantization, Precision):
             raise ConfigError(f"quantization must be a Precision, got {self.quantization!r}")
-        if not isinstance(self.kv_cache_config, KvCacheConfig):
-            raise ConfigError(f"kv_cache_config must be a KvCacheConfig, got {self.kv_cache_config!r}")
+        if self.kv_cache_config is not None and not isinstance(self.kv_cache_config, KvCacheConfig):
+            raise ConfigError(f"kv_cache_config must be None or a KvCacheConfig, got {self.kv_cache_config!r}")
         if self.device is not None and not isinstance(self.device, DeviceType):
             raise ConfigError(
                 f"device must be a DeviceType (e.g. DeviceType.Cpu, DeviceType.Cuda(0)) or None, got {self.device!r}"

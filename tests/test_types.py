@@ -10,6 +10,7 @@ import pytest
 
 from ruvllm_jax import (
     ConfigError,
+    KvCacheError,
     DeviceType,
     GenerateParams,
     KvCacheConfig,
@@ -114,14 +115,14 @@ def test_generate_params_edge_values_are_accepted():
 def test_model_config_defaults_and_validation():
     c = ModelConfig()
     assert c.max_context == 4096 and c.quantization is Precision.FP32 and c.use_flash_attention
-    assert isinstance(c.kv_cache_config, KvCacheConfig)
+    assert c.kv_cache_config is None  # the exact contiguous cache; the lossy two-tier one is opt-in
     with pytest.raises(ConfigError, match="max_context"):
         ModelConfig(max_context=0)
     with pytest.raises(ConfigError, match="max_context"):
         ModelConfig(max_context="big")
     with pytest.raises(ConfigError, match="'q4'"):
         ModelConfig(quantization="q4")
-    with pytest.raises(ConfigError, match="tail_length"):
+    with pytest.raises(KvCacheError, match="tail_length"):
         KvCacheConfig(tail_length=0)
 
 
@@ -133,7 +134,7 @@ def test_memory_stats_total():
     ("max_context", True), ("max_context", 2.0), ("max_context", -5), ("max_context", None),
     ("use_flash_attention", "yes"), ("use_flash_attention", 1), ("use_flash_attention", None),
     ("quantization", None), ("quantization", "fp32"),
-    ("kv_cache_config", {"tail_length": 8}), ("kv_cache_config", None),
+    ("kv_cache_config", {"tail_length": 8}), ("kv_cache_config", "q4"),
     ("device", "cuda"), ("device", 0), ("device", jax.devices("cpu")[0]),
     ("hf_token", 123), ("hf_token", b"token"),
 ])
@@ -144,16 +145,20 @@ def test_model_config_field_types_are_checked(field, value):
 
 def test_model_config_accepts_its_documented_types():
     c = ModelConfig(max_context=np.int64(64), use_flash_attention=False, device=DeviceType.Cpu, hf_token="t",
-                    kv_cache_config=KvCacheConfig(tail_length=8))
+                    kv_cache_config=KvCacheConfig(tail_length=8, migration_batch=8))
     assert type(c.max_context) is int and c.max_context == 64 and c.device == DeviceType.Cpu
 
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"tail_length": True}, "tail_length"), ({"head_dim": 64.0}, "head_dim"), ({"max_tokens": "4096"}, "max_tokens"),
     ({"tail_precision": "fp16"}, "tail_precision"), ({"store_precision": None}, "store_precision"),
+    ({"store_precision": Precision.Q4K}, "not.*|cache precision"), ({"tail_precision": Precision.Q8}, "tail_precision"),
+    ({"num_sink_tokens": -1}, "num_sink_tokens"), ({"eviction": 1}, "eviction"),
+    ({"tail_length": 48}, "multiple of migration_batch=64"), ({"head_dim": 63}, "even"),
+    ({"max_tokens": 300}, "at least num_sink_tokens \\+ tail_length \\+ migration_batch = 320"),
 ])
 def test_kv_cache_config_field_types_are_checked(kwargs, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(KvCacheError, match=match):
         KvCacheConfig(**kwargs)
 
 

@@ -24,11 +24,12 @@ from flax import struct
 from ruvllm_jax.backend.sampling import SamplingParams, presence_from_tokens, sample, update_presence
 from ruvllm_jax.cache import ContiguousKVCache
 from ruvllm_jax.cache.segmented import SegmentedKVCache
-from ruvllm_jax.errors import ConfigError, GenerationError
+from ruvllm_jax.cache.two_tier import TwoTierKVCache, TwoTierSpec
+from ruvllm_jax.errors import ConfigError, GenerationError, KvCacheError
 from ruvllm_jax.kernels import KernelOptions
 from ruvllm_jax.models import llama
 from ruvllm_jax.models.config import LlamaConfig
-from ruvllm_jax.types import SEED_LIMIT
+from ruvllm_jax.types import SEED_LIMIT, KvCacheConfig
 
 DEFAULT_CHUNK = 32
 MIN_PROMPT_BUCKET = 16
@@ -75,7 +76,7 @@ def prefill_and_sample(
 ) -> DecodeState:
     """Run padded prompts tokens [B, S] (real lengths [B]) and sample each first new token."""
     logits, cache = llama.prefill(params, cfg, tokens, cache, adapters=adapters, kernel=kernel,
-                                  logit_positions=lengths - 1)
+                                  logit_positions=lengths - 1, lengths=lengths)
     presence = presence_from_tokens(tokens, lengths, cfg.vocab_size)
     rng, key = jax.random.split(rng)
     token = sample(key, logits, presence, sampling)
@@ -122,7 +123,7 @@ def decode_chunk(
         return i + 1, st, out
 
     out = jnp.full((b, chunk), -1, jnp.int32)
-    segmented = SegmentedKVCache.supports(cfg.sliding_windows)
+    segmented = isinstance(state.cache, ContiguousKVCache) and SegmentedKVCache.supports(cfg.sliding_windows)
     if segmented:  # append to a short segment inside the loop; one write-back per chunk
         state = state.replace(cache=SegmentedKVCache.open(state.cache, state.position, chunk))
     count, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
@@ -131,11 +132,30 @@ def decode_chunk(
     return state, out, count
 
 
-def new_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> ContiguousKVCache:
-    return ContiguousKVCache.init(
-        num_layers=cfg.num_layers, batch=batch, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        max_len=max_len, dtype=dtype,
-    )
+def new_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32,
+              kv_cache_config: Optional[KvCacheConfig] = None):
+    """The cache a generation runs on: contiguous full precision [B, KVH, max_len, D] per layer, or
+    with `kv_cache_config` the two-tier quantized cache (its shape fixed by the config, heads and
+    head_dim the model's; `max_len` then only has to fit when eviction is off)."""
+    if kv_cache_config is None:
+        return ContiguousKVCache.init(
+            num_layers=cfg.num_layers, batch=batch, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            max_len=max_len, dtype=dtype,
+        )
+    spec = two_tier_spec(cfg, kv_cache_config)
+    if not kv_cache_config.eviction and max_len > spec.capacity:
+        raise KvCacheError(f"a generation of up to {max_len} tokens does not fit a two-tier cache of "
+                           f"{spec.capacity} tokens with eviction off (KvCacheConfig.eviction=False)")
+    return TwoTierKVCache.init(spec, num_layers=cfg.num_layers, batch=batch)
+
+
+def two_tier_spec(cfg: LlamaConfig, kv_cache_config: KvCacheConfig) -> TwoTierSpec:
+    """The two-tier layout for this model: the config's tiers, the model's heads; refused for
+    sliding-window layers (the tail ring does not place the query for a window)."""
+    if any(w is not None for w in cfg.sliding_windows):
+        raise KvCacheError(f"the two-tier KV cache does not support sliding-window layers (model windows "
+                           f"{sorted({w for w in cfg.sliding_windows if w is not None})}); use kv_cache_config=None")
+    return TwoTierSpec.from_config(kv_cache_config, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
 
 
 def make_rng(seed: Optional[int]) -> jax.Array:

@@ -23,6 +23,7 @@ from ruvllm_jax.backend.tokenizer import IncrementalDecoder, Tokenizer, check_to
 from ruvllm_jax.errors import (
     ConfigError,
     InvalidOperationError,
+    KvCacheError,
     ModelError,
     TokenizationError,
 )
@@ -283,6 +284,13 @@ class JaxBackend:
         check_token_ids(ids, m.cfg.vocab_size, "prompt token ids")  # a tokenizer may know more ids than the model
         sampling = SamplingParams.from_generate_params(params, vocab_size=m.cfg.vocab_size)
         engine.buckets(len(ids), params.max_tokens, self.max_context())  # also refuses an empty prompt
+        kv = m.model_config.kv_cache_config
+        if kv is not None:
+            spec = engine.two_tier_spec(m.cfg, kv)
+            if not kv.eviction and len(ids) + params.max_tokens > spec.capacity:
+                raise KvCacheError(
+                    f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds the two-tier cache's "
+                    f"{spec.capacity} tokens with eviction off (KvCacheConfig.eviction=False)")
         return sampling
 
     def _generate_text(self, prompt: str, params: GenerateParams, callback: StreamCallback, stream: bool) -> None:
@@ -327,7 +335,9 @@ class JaxBackend:
         tokens[0, : len(ids)] = ids
         eos = jnp.asarray(m.eos_ids or (-1,), jnp.int32)
         with jax.default_device(self._jax_device):
-            cache = engine.new_cache(m.cfg, 1, cache_len)
+            kv = m.model_config.kv_cache_config  # two-tier: its shape is the config's, not a bucket's
+            cache = engine.new_cache(m.cfg, 1, cache_len if kv is None else len(ids) + params.max_tokens,
+                                     kv_cache_config=kv)
             self._last_cache_bytes = cache.nbytes()
             state = engine.prefill_and_sample(
                 m.params, jnp.asarray(tokens), jnp.asarray([len(ids)], jnp.int32), cache, sampling,

@@ -3,8 +3,8 @@
 Caches store, attention attends. A cache is a pytree (it flows through jit and can be donated) with
 two pure update methods, called once per layer by the model's layer body:
 
-- `write_prompt(layer, k, v) -> cache`: store a prompt's keys/values k, v [B, S, KVH, D] at
-  positions 0..S-1;
+- `write_prompt(layer, k, v, lengths) -> cache`: store a prompt's keys/values k, v [B, S, KVH, D]
+  at positions 0..S-1, of which the first `lengths` [B] are real;
 - `append(layer, k, v, positions) -> (cache, parts)`: store one new token per sequence (k, v
   [B, KVH, D] at `positions` [B]) and return the parts attention must read to see every stored
   token, the new one included.
@@ -15,8 +15,9 @@ log-sum-exp, so a cache never calls a kernel, knows no softmax scale and picks n
 the parts from `append` lets a cache hand attention the buffers it read *before* writing (the
 contiguous cache does: the update then has one user and XLA:CPU writes it in place).
 
-Parts today: `KVPart` (contiguous, head-major) and `PagedKVPart` (a block pool read through block
-tables). The two-tier cache adds quantized parts (codes, scales, zero points) the same way.
+Parts: `KVPart` (contiguous, head-major), `PagedKVPart` (a float or per-token int8 block pool read
+through block tables) and `QuantizedKVPart` (a KIVI-quantized block pool: codes, per-channel key
+scales and per-token value scales, the two-tier cache's store).
 """
 
 from __future__ import annotations
@@ -57,12 +58,37 @@ class PagedKVPart:
     query_offset: Optional[int] = struct.field(pytree_node=False, default=None)
 
 
-Part = Union[KVPart, PagedKVPart]
+@struct.dataclass
+class QuantizedKVPart:
+    """A KIVI-quantized block pool read through block_tables [B, max_blocks] with lengths [B].
+
+    codes k_codes, v_codes [KVH, num_blocks, block_size, Dc]: int8 (bits 8, Dc = D) or uint8 with two
+    4-bit codes per byte (bits 4, Dc = D / 2; byte j: channel j low nibble, j + D/2 high). Keys are
+    scaled per channel per block (k_scale, k_zero [KVH, num_blocks, D]), values per token (v_scale,
+    v_zero [KVH, num_blocks, block_size]); zero points only for 4 bits. See `cache.kv_quant`.
+    """
+
+    k_codes: jax.Array
+    v_codes: jax.Array
+    k_scale: jax.Array
+    v_scale: jax.Array
+    block_tables: jax.Array
+    lengths: jax.Array
+    k_zero: Optional[jax.Array] = None
+    v_zero: Optional[jax.Array] = None
+    bits: int = struct.field(pytree_node=False, default=8)
+    query_offset: Optional[int] = struct.field(pytree_node=False, default=None)
+
+
+Part = Union[KVPart, PagedKVPart, QuantizedKVPart]
 
 
 class KVCache(Protocol):
-    def write_prompt(self, layer: int, k: jax.Array, v: jax.Array) -> "KVCache":
-        """k, v [B, S, KVH, D] at positions 0..S-1 -> the cache holding them."""
+    def write_prompt(self, layer: int, k: jax.Array, v: jax.Array, lengths: Optional[jax.Array] = None) -> "KVCache":
+        """k, v [B, S, KVH, D] at positions 0..S-1 -> the cache holding them.
+
+        `lengths` [B]: the real prompt lengths (None: all S); a cache that stores padding as it
+        comes (the contiguous one) may ignore it, one that quantizes blocks must not."""
         ...
 
     def append(

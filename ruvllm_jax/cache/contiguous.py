@@ -47,8 +47,8 @@ class ContiguousKVCache:
         ks[layer], vs[layer] = k_l, v_l
         return self.replace(k=tuple(ks), v=tuple(vs))
 
-    def write_prompt(self, layer: int, k: jax.Array, v: jax.Array) -> "ContiguousKVCache":
-        """Store k, v [B, S, KVH, D] at positions 0..S-1."""
+    def write_prompt(self, layer: int, k: jax.Array, v: jax.Array, lengths=None) -> "ContiguousKVCache":
+        """Store k, v [B, S, KVH, D] at positions 0..S-1 (padding too: decode masks by length)."""
         b, s, kvh, d = k.shape
         if s > self.max_len:
             raise KvCacheError(f"prompt of {s} tokens does not fit a cache of {self.max_len}")

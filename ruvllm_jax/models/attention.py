@@ -6,7 +6,8 @@ Every layer of every model attends here, whatever cache it runs on:
   training and scoring), through `kernels.flash_attention`;
 - `attend_parts(q, parts, ...)`: one query token per sequence over the parts a cache's `append`
   returned (`cache.base`): each part goes to the kernel for its layout (`decode_attention` for a
-  contiguous `KVPart`, `paged_attention` for a `PagedKVPart`) with `return_residuals`, and the
+  contiguous `KVPart`, `paged_attention` for a `PagedKVPart`, `quantized_paged_attention` for a
+  `QuantizedKVPart`) with `return_residuals`, and the
   partial results merge exactly by log-sum-exp (`kernels.merge_attention`).
 
 The softmax scale comes from the model (`LlamaConfig.attention_config().effective_scale()`), and
@@ -21,7 +22,7 @@ from typing import Optional, Sequence
 
 import jax
 
-from ruvllm_jax.cache.base import KVPart, PagedKVPart, Part
+from ruvllm_jax.cache.base import KVPart, PagedKVPart, Part, QuantizedKVPart
 from ruvllm_jax.errors import KvCacheError
 from ruvllm_jax.kernels import KernelOptions, decode_attention, flash_attention, merge_attention, paged_attention
 
@@ -62,6 +63,13 @@ def attend_parts(q: jax.Array, parts: Sequence[Part], *, scale: float, sliding_w
             out, res = paged_attention(q, part.k_pages, part.v_pages, part.block_tables, part.lengths,
                                        k_scales=part.k_scales, v_scales=part.v_scales, scale=scale,
                                        sliding_window=window, return_residuals=True, kernel=kernel)
+        elif isinstance(part, QuantizedKVPart):
+            from ruvllm_jax.kernels import quantized_paged_attention
+
+            out, res = quantized_paged_attention(
+                q, part.k_codes, part.v_codes, part.k_scale, part.v_scale, part.block_tables, part.lengths,
+                k_zero=part.k_zero, v_zero=part.v_zero, bits=part.bits, scale=scale, return_residuals=True,
+                kernel=kernel)
         else:
             raise KvCacheError(f"attention cannot read a part of type {type(part).__name__}")
         outs.append(out)

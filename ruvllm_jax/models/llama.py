@@ -150,10 +150,10 @@ def _block(lp: Params, cfg: LlamaConfig, x: jax.Array, cos: jax.Array, sin: jax.
     return _mlp(lp, cfg, x, la), cache
 
 
-def _prompt_attend(q, k, v, *, cache, layer: int, cfg: LlamaConfig, kernel: KernelOptions):
+def _prompt_attend(q, k, v, *, cache, layer: int, cfg: LlamaConfig, kernel: KernelOptions, lengths=None):
     out = attention.attend_prompt(q, k, v, scale=cfg.attention_config().effective_scale(),
                                   sliding_window=cfg.sliding_windows[layer], kernel=kernel)
-    return out, (None if cache is None else cache.write_prompt(layer, k, v))
+    return out, (None if cache is None else cache.write_prompt(layer, k, v, lengths))
 
 
 def _token_attend(q, k, v, *, cache, layer: int, positions, cfg: LlamaConfig, kernel: KernelOptions):
@@ -177,11 +177,11 @@ def embed(params: Params, tokens: jax.Array) -> jax.Array:
     return params["embed"][tokens].astype(jnp.float32)
 
 
-def _prompt_layers(params, cfg, x, cache, adapters, kernel, start: int, stop: int):
+def _prompt_layers(params, cfg, x, cache, adapters, kernel, start: int, stop: int, lengths=None):
     s = x.shape[1]
     cos, sin = rope_tables(cfg, jnp.arange(s)[None, :])
     for i in range(start, stop):
-        attend = functools.partial(_prompt_attend, cache=cache, layer=i, cfg=cfg, kernel=kernel)
+        attend = functools.partial(_prompt_attend, cache=cache, layer=i, cfg=cfg, kernel=kernel, lengths=lengths)
         x, cache = _block(params["layers"][i], cfg, x, cos, sin, _layer_adapters(adapters, i), attend)
     return x, cache
 
@@ -216,18 +216,20 @@ def prefill(
     impl: Optional[str] = None,
     interpret: Optional[bool] = None,
     logit_positions: Optional[jax.Array] = None,
+    lengths: Optional[jax.Array] = None,
 ):
     """Run a prompt. tokens [B, S] at positions 0..S-1 -> (logits, cache).
 
     Logits are [B, S, V], or [B, V] at `logit_positions` [B] when given (generation needs only the
     last real token, and the vocabulary projection is the largest matmul of the model). With no
-    cache, keys and values are attended and dropped (training, scoring).
+    cache, keys and values are attended and dropped (training, scoring). `lengths` [B] are the
+    real (unpadded) prompt lengths the cache should hold (None: all S).
     """
     kernel = _kernel(kernel, impl, interpret)
     b, s = tokens.shape
     x = embed(params, tokens)
     chex.assert_shape(x, (b, s, cfg.hidden_size))
-    x, cache = _prompt_layers(params, cfg, x, cache, adapters, kernel, 0, cfg.num_layers)
+    x, cache = _prompt_layers(params, cfg, x, cache, adapters, kernel, 0, cfg.num_layers, lengths)
     if logit_positions is not None:
         x = jnp.take_along_axis(x, logit_positions[:, None, None], axis=1)[:, 0]
     return _logits(params, cfg, x), cache
