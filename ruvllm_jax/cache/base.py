@@ -9,6 +9,13 @@ two pure update methods, called once per layer by the model's layer body:
   [B, KVH, D] at `positions` [B]) and return the parts attention must read to see every stored
   token, the new one included.
 
+A cache whose reads and writes touch the same buffers inside the decode loop offers the step in
+two halves instead, `read(layer, k, v, positions) -> parts` and `write(layer, k, v, positions,
+after) -> cache`: the model attends over the parts first and hands the attention output as
+`after`, which the cache ties into the values it writes. XLA:CPU then sees the write depend on the
+read and updates in place; with the two unordered it copies the buffers every step (the two-tier
+cache's tail and store; the HLO test in tests/cache checks).
+
 A *part* is a set of keys in one layout with its valid lengths. The model's attention
 (`ruvllm_jax.models.attention`) picks the kernel for each part and merges them exactly by
 log-sum-exp, so a cache never calls a kernel, knows no softmax scale and picks no path. Returning

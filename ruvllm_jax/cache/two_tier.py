@@ -280,8 +280,10 @@ def tier_parts(tiers: Tiers, length: jax.Array, spec: TwoTierSpec) -> list[Part]
 def append_token(tiers: Tiers, length: jax.Array, k: jax.Array, v: jax.Array, spec: TwoTierSpec) -> Tiers:
     """Tiers after each sequence appends one token k, v [B, KVH, D] to its `length` [B] tokens.
 
-    The tail's oldest block is quantized into the newest segment's next free slot every step; it
-    joins the store (the counts move past it) only when this token needs its tail slot.
+    After the write, the tail's oldest block is quantized into the newest segment's next free slot
+    (`_stage`); it joins the store, unchanged, when a later token needs its tail slot. Reading the
+    tail only after writing it (and the old tail only in attention, before) keeps both updates in
+    place: quantizing the block out of the old tail made XLA copy the whole tail every step.
     """
     length = jnp.asarray(length, jnp.int32)
     batch = tiers.batch
@@ -300,10 +302,6 @@ def append_token(tiers: Tiers, length: jax.Array, k: jax.Array, v: jax.Array, sp
             return buf.at[b, :, at].set(row)
 
         sink_k, sink_v = put(sink_k, k), put(sink_v, v)
-    src = b * spec.tail_blocks + n.committed % spec.tail_blocks
-    seg = tiers.stores[-1]
-    dst = b * spec.slots + (n.committed - seg.start) % spec.slots
-    stores = (*tiers.stores[:-1], seg.write(dst, _get_block(tiers.tail_k, src), _get_block(tiers.tail_v, src)))
     block, offset = n.region // spec.block, n.region % spec.block
     slot = b * spec.tail_blocks + block % spec.tail_blocks
 
@@ -313,8 +311,25 @@ def append_token(tiers: Tiers, length: jax.Array, k: jax.Array, v: jax.Array, sp
             return jax.lax.dynamic_update_slice(pool, row[0][:, None, None, :], (0, slot[0], offset[0], 0))
         return pool.at[:, slot, offset].set(jnp.moveaxis(row, 0, 1))
 
-    return tiers.replace(sink_k=sink_k, sink_v=sink_v, tail_k=put_row(tiers.tail_k, k), tail_v=put_row(tiers.tail_v, v),
-                         stores=stores)
+    tiers = tiers.replace(sink_k=sink_k, sink_v=sink_v, tail_k=put_row(tiers.tail_k, k),
+                          tail_v=put_row(tiers.tail_v, v))
+    return _stage(tiers, length + 1, spec)
+
+
+def _stage(tiers: Tiers, length: jax.Array, spec: TwoTierSpec) -> Tiers:
+    """Quantize each sequence's oldest tail block into the next free store slot.
+
+    The slot is outside the held store (ids [committed - store_blocks, committed) fill at most
+    `store_blocks` of the `store_blocks + 1` slots), so this never touches a stored block; staging
+    the same unchanged block again writes the same codes.
+    """
+    b = jnp.arange(tiers.batch, dtype=jnp.int32)
+    n = _Counts.of(length, spec)
+    src = b * spec.tail_blocks + n.committed % spec.tail_blocks
+    seg = tiers.stores[-1]
+    dst = b * spec.slots + (n.committed - seg.start) % spec.slots
+    seg = seg.write(dst, _get_block(tiers.tail_k, src), _get_block(tiers.tail_v, src))
+    return tiers.replace(stores=(*tiers.stores[:-1], seg))
 
 
 def fill(tiers: Tiers, k: jax.Array, v: jax.Array, lengths: jax.Array, spec: TwoTierSpec) -> Tiers:
@@ -353,8 +368,9 @@ def fill(tiers: Tiers, k: jax.Array, v: jax.Array, lengths: jax.Array, spec: Two
     fields = seg.encode(kb.astype(jnp.float32), vb.astype(jnp.float32))
     seg = seg.replace(**{name: getattr(seg, name).at[:, store_slot].set(x.astype(getattr(seg, name).dtype), mode="drop")
                          for name, x in fields.items()})
-    return tiers.replace(tail_k=tiers.tail_k.at[:, tail_slot].set(kb, mode="drop"),
-                         tail_v=tiers.tail_v.at[:, tail_slot].set(vb, mode="drop"), stores=(seg,))
+    tiers = tiers.replace(tail_k=tiers.tail_k.at[:, tail_slot].set(kb, mode="drop"),
+                          tail_v=tiers.tail_v.at[:, tail_slot].set(vb, mode="drop"), stores=(seg,))
+    return _stage(tiers, lengths, spec)
 
 
 def with_store_precision(tiers: Tiers, length: jax.Array, precision: Precision, spec: TwoTierSpec) -> Tiers:
@@ -421,15 +437,32 @@ class TwoTierKVCache:
     def append(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array):
         """Append k, v [B, KVH, D] at `positions` [B] (= tokens already held) -> (cache, parts).
 
-        The parts are the tiers as they were *before* the write plus the new token: a block
-        migrating this step is read from the tail once more, and the updates keep one user each.
+        The `KVCache` protocol in one call; the model uses `read` and `write` instead, which order
+        the write after attention (see `write`).
+        """
+        parts = self.read(layer, k, v, positions)
+        return self.write(layer, k, v, positions), parts
+
+    def read(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> tuple[Part, ...]:
+        """The parts attention reads for the token k, v [B, KVH, D] at `positions` [B]: the tiers as
+        they are (a block migrating now is read from the tail once more) plus the token itself."""
+        self._check(k)
+        positions = positions.astype(jnp.int32)
+        new = KVPart(k[:, :, None, :], v[:, :, None, :], jnp.ones_like(positions), query_offset=-1)
+        return (*tier_parts(self.layers[layer], positions, self.spec), new)
+
+    def write(self, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array, after=None) -> "TwoTierKVCache":
+        """The cache with the token appended. `after` (attention's output over `read`'s parts) goes
+        through an optimization barrier with the layer's arrays: the writes then depend on the reads
+        and XLA updates the buffers in place; with no such order it copies tail and store every step.
         """
         self._check(k)
         positions = positions.astype(jnp.int32)
         tiers = self.layers[layer]
-        parts = tier_parts(tiers, positions, self.spec)
-        new = KVPart(k[:, :, None, :], v[:, :, None, :], jnp.ones_like(positions), query_offset=-1)
-        return self._replace_layer(layer, append_token(tiers, positions, k, v, self.spec), positions + 1), (*parts, new)
+        if after is not None:
+            tie = 0.0 * after.reshape(-1)[0].astype(jnp.float32)  # a data dependency XLA cannot fold away
+            k, v = k + tie.astype(k.dtype), v + tie.astype(v.dtype)
+        return self._replace_layer(layer, append_token(tiers, positions, k, v, self.spec), positions + 1)
 
 
 # --------------------------------------------------------------------------------------------------

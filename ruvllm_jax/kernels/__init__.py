@@ -14,6 +14,7 @@ from ruvllm_jax.kernels.attention import (
     grouped_query_attention,
     multi_query_attention,
     paged_attention,
+    quantized_paged_attention,
 )
 from ruvllm_jax.kernels.config import (
     AttentionConfig,
@@ -26,6 +27,7 @@ from ruvllm_jax.kernels.config import (
 from ruvllm_jax.kernels.decode import decode_attention_reference
 from ruvllm_jax.kernels.flash import flash_attention_reference
 from ruvllm_jax.kernels.paged import paged_attention_reference
+from ruvllm_jax.kernels.quantized import quantized_attention_reference
 
 __all__ = [
     "AttentionConfig",
@@ -37,10 +39,12 @@ __all__ = [
     "flash_attention",
     "decode_attention",
     "paged_attention",
+    "quantized_paged_attention",
     "grouped_query_attention",
     "multi_query_attention",
     "merge_attention",
     "flash_attention_reference",
     "decode_attention_reference",
     "paged_attention_reference",
+    "quantized_attention_reference",
 ]

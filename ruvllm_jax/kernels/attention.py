@@ -42,6 +42,7 @@ from ruvllm_jax.kernels.paged import (
     paged_attention_jnp,
     paged_attention_pallas,
 )
+from ruvllm_jax.kernels.quantized import check_quantized_shapes, quantized_attention_jnp, quantized_attention_pallas
 
 __all__ = [
     "AttentionConfig",
@@ -49,6 +50,7 @@ __all__ = [
     "flash_attention",
     "decode_attention",
     "paged_attention",
+    "quantized_paged_attention",
     "grouped_query_attention",
     "multi_query_attention",
     "merge_attention",
@@ -202,6 +204,52 @@ def paged_attention(
                                    return_residuals)
     out, res = paged_attention_pallas(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales, scale=scale,
                                       window=window, kernel=kernel)
+    return (out, res) if return_residuals else out
+
+
+def quantized_paged_attention(
+    q: jax.Array,
+    k_codes: jax.Array,
+    v_codes: jax.Array,
+    k_scale: jax.Array,
+    v_scale: jax.Array,
+    block_tables: jax.Array,
+    lengths: jax.Array,
+    *,
+    k_zero: Optional[jax.Array] = None,
+    v_zero: Optional[jax.Array] = None,
+    bits: int,
+    scale: Optional[float] = None,
+    impl: str = "auto",
+    interpret: bool = False,
+    return_residuals: bool = False,
+    pallas_backend: Optional[str] = None,
+    block_sizes: Optional[PagedBlockSizes] = None,
+    kernel: Optional[KernelOptions] = None,
+):
+    """Decode queries q [B, H, D] against a KIVI-quantized paged store -> [B, H, D] (and residuals
+    (max, sum) [B, H], which merge with another key set, e.g. the float tail, by `merge_attention`).
+
+    codes k_codes/v_codes [KVH, num_blocks, block_size, Dc]: int8 (Dc = D) for `bits=8`, uint8 with
+    two codes a byte (Dc = D / 2) for `bits=4`; per-channel key scales k_scale (and k_zero, 4 bits)
+    [KVH, num_blocks, D]; per-token value scales v_scale (and v_zero, 4 bits) [KVH, num_blocks,
+    block_size]. Read through block_tables [B, max_blocks] and lengths [B] as `paged_attention`
+    (no window). The store is never dequantized whole. `block_sizes.pages_per_compute_block` pages
+    make one step on every path. No Mosaic kernel: on TPU "auto" runs the jnp path.
+    """
+    block_tables, lengths = jnp.asarray(block_tables), jnp.asarray(lengths)
+    kernel = kernel_options(kernel, "paged", impl, interpret, pallas_backend, block_sizes)
+    check_quantized_shapes(q, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, block_tables, lengths, bits)
+    check_block_tables(block_tables, lengths, k_codes.shape[1], k_codes.shape[2])
+    scale = default_scale(scale, q.shape[-1])
+    path = kernel.path(has_mosaic=False)
+    if path == "mosaic":
+        raise ConfigError("quantized_paged_attention has no Mosaic (TPU) kernel; use impl='jnp'")
+    args = (q, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, block_tables, lengths)
+    if path == "jnp":
+        return quantized_attention_jnp(*args, bits=bits, scale=scale, return_residuals=return_residuals,
+                                       pages_per_step=kernel.block_sizes.paged.pages_per_compute_block)
+    out, res = quantized_attention_pallas(*args, bits=bits, scale=scale, kernel=kernel)
     return (out, res) if return_residuals else out
 
 

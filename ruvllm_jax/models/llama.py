@@ -157,9 +157,15 @@ def _prompt_attend(q, k, v, *, cache, layer: int, cfg: LlamaConfig, kernel: Kern
 
 
 def _token_attend(q, k, v, *, cache, layer: int, positions, cfg: LlamaConfig, kernel: KernelOptions):
-    cache, parts = cache.append(layer, k, v, positions)
+    ordered = hasattr(cache, "read")  # caches that write after attention read them (see cache.base)
+    if ordered:
+        parts = cache.read(layer, k, v, positions)
+    else:
+        cache, parts = cache.append(layer, k, v, positions)
     out = attention.attend_parts(q, parts, scale=cfg.attention_config().effective_scale(),
                                  sliding_window=cfg.sliding_windows[layer], kernel=kernel)
+    if ordered:
+        cache = cache.write(layer, k, v, positions, after=out)
     return out, cache
 
 
