@@ -116,6 +116,8 @@ class JaxBackend:
         if path.endswith(".gguf"):
             raise ModelError(f"GGUF loading is not implemented yet ({path!r}); use a safetensors folder")
         cfg = loader.load_config(path)
+        if config.kv_cache_config is not None:  # a two-tier cache this model cannot use fails the load
+            engine.two_tier_spec(cfg, config.kv_cache_config)
         params = loader.load_params(path, cfg, dtype=_STORAGE_DTYPES[config.quantization], device=jax_device)
         tok_path = os.path.join(path, "tokenizer.json")
         gen_cfg = loader.load_generation_config(path, cfg)

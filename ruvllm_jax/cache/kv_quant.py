@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ruvllm_jax.errors import KvCacheError
+from ruvllm_jax.kernels.quantized import code_planes, dequantize_codes
 from ruvllm_jax.types import Precision
 
 SCALE_DTYPE = jnp.float16
@@ -71,8 +72,8 @@ def pack4(codes: jax.Array) -> jax.Array:
 
 
 def unpack4(packed: jax.Array) -> jax.Array:
-    """[..., D/2] uint8 -> [..., D] uint8 codes (the inverse of `pack4`)."""
-    return jnp.concatenate([packed & 15, packed >> 4], axis=-1)
+    """[..., D/2] uint8 -> [..., D] uint8 codes (the inverse of `pack4`; the kernels' code planes)."""
+    return jnp.concatenate(code_planes(packed, 4), axis=-1)
 
 
 def quantize(x: jax.Array, bits: int, axis: int) -> Quantized:
@@ -100,12 +101,8 @@ def quantize(x: jax.Array, bits: int, axis: int) -> Quantized:
 
 
 def dequantize(q: Quantized, bits: int, axis: int, dtype=jnp.float32) -> jax.Array:
-    """The values `quantize(x, bits, axis)` stands for, in `dtype`."""
-    codes = unpack4(q.codes) if bits == 4 else q.codes
-    out = codes.astype(jnp.float32) * jnp.expand_dims(q.scale.astype(jnp.float32), axis)
-    if q.zero is not None:
-        out = out + jnp.expand_dims(q.zero.astype(jnp.float32), axis)
-    return out.astype(dtype)
+    """The values `quantize(x, bits, axis)` stands for, in `dtype` (what the attention kernels read)."""
+    return dequantize_codes(q.codes, q.scale, q.zero, bits, axis, dtype)
 
 
 def quantize_keys(k: jax.Array, bits: int) -> Quantized:

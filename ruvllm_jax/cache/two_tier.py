@@ -14,9 +14,9 @@ Layout (fixed shapes, so every step jits once). Per layer, for B sequences:
   read through a block table (a `PagedKVPart`): migrating a block frees its slot, nothing shifts;
 - the store: one or more `StoreSegment`s (one per precision `update_policy` chose; the newest takes
   migrations), each a ring of `store_blocks + 1` block slots, read as a `QuantizedKVPart` (or a
-  float `PagedKVPart` for an FP32/FP16/BF16 store). The spare slot lets every decode step quantize
-  the tail's oldest block into the next free slot without a branch; the slot becomes part of the
-  store only when the block really migrates, so held blocks are never written again.
+  float `PagedKVPart` for an FP32/FP16/BF16 store). The spare slot lets every step, without a
+  branch, stage the tail's oldest block (complete, its values fixed) quantized into the next free
+  slot; the slot joins the store when the block migrates, and a held block is never written again.
 
 Which block lives where follows from one number per sequence, the tokens appended so far (`_Counts`):
 the cache never keeps a second copy of that bookkeeping per layer.
