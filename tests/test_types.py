@@ -10,10 +10,10 @@ import pytest
 
 from ruvllm_jax import (
     ConfigError,
-    KvCacheError,
     DeviceType,
     GenerateParams,
     KvCacheConfig,
+    KvCacheError,
     MemoryStats,
     ModelConfig,
     ModelSize,
