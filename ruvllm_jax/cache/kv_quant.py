@@ -22,12 +22,14 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ruvllm_jax.errors import KvCacheError
 from ruvllm_jax.kernels.quantized import code_planes, dequantize_codes
 from ruvllm_jax.types import Precision
 
 SCALE_DTYPE = jnp.float16
+F16_MAX = 65504.0  # values beyond it have no float16 tail entry, zero point or (Q8) scale
 TAIL_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.BF16)
 STORE_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.BF16, Precision.Q8, Precision.Q4)
 _FLOAT_DTYPES = {Precision.FP32: jnp.float32, Precision.FP16: jnp.float16, Precision.BF16: jnp.bfloat16}
@@ -59,10 +61,10 @@ def bits_of(precision: Precision) -> Optional[int]:
 
 
 def _round_f16(x: jax.Array, direction: float) -> jax.Array:
-    """x rounded to float16, then moved one step towards `direction` (+inf / -inf) if it fell short."""
+    """x rounded to float16, then moved one step towards +inf (`direction` > 0) or -inf if it fell short."""
     r = x.astype(SCALE_DTYPE)
     short = (r.astype(jnp.float32) < x) if direction > 0 else (r.astype(jnp.float32) > x)
-    return jnp.where(short, jnp.nextafter(r, jnp.asarray(direction, SCALE_DTYPE)), r)
+    return jnp.where(short, jnp.nextafter(r, jnp.asarray(direction * np.inf, SCALE_DTYPE)), r)
 
 
 def pack4(codes: jax.Array) -> jax.Array:

@@ -162,7 +162,7 @@ class StoreSegment:
     def empty(cls, spec: TwoTierSpec, precision: Precision, batch: int, start) -> "StoreSegment":
         bits = kv_quant.bits_of(precision)
         kvh, d, bs, n = spec.config.num_kv_heads, spec.config.head_dim, spec.block, batch * spec.slots
-        start = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (batch,))
+        start = jnp.array(jnp.broadcast_to(jnp.asarray(start, jnp.int32), (batch,)), copy=True)  # its own buffer
         end = jnp.full((batch,), OPEN_END, jnp.int32)
         # Every field its own buffer (never one array twice): the caches are donated.
         if bits is None:
@@ -184,6 +184,7 @@ class StoreSegment:
         return kv_quant.bits_of(self.precision)
 
     def arrays(self) -> list[jax.Array]:
+        """The block arrays (codes, scales, zero points), each with the block axis 1."""
         return [a for a in (self.k, self.v, self.k_scale, self.v_scale, self.k_zero, self.v_zero) if a is not None]
 
     def block_nbytes(self) -> int:
@@ -252,7 +253,8 @@ class Tiers:
         return [self.sink_k, self.sink_v, self.tail_k, self.tail_v, *(a for s in self.stores for a in s.arrays())]
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays())
+        """Every array's bytes, the segments' int32 bookkeeping included."""
+        return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self))
 
 
 def _ring_table(first, base, ring: int, batch: int) -> jax.Array:
@@ -379,9 +381,10 @@ def with_store_precision(tiers: Tiers, length: jax.Array, precision: Precision, 
     if precision is tiers.stores[-1].precision:
         return tiers
     n = _Counts.of(length, spec)
-    closed = tiers.stores[-1].replace(end=n.committed)
+    closed = tiers.stores[-1].replace(end=jnp.array(n.committed, copy=True))
     fresh = StoreSegment.empty(spec, precision, tiers.batch, n.committed)
-    return tiers.replace(stores=(*tiers.stores[:-1], closed, fresh))
+    # The tail's oldest block was staged into the closed segment: stage it into the new one too.
+    return _stage(tiers.replace(stores=(*tiers.stores[:-1], closed, fresh)), length, spec)
 
 
 def without_drained(tiers: Tiers, length, spec: TwoTierSpec) -> Tiers:
@@ -415,7 +418,7 @@ class TwoTierKVCache:
         return self.spec.capacity
 
     def nbytes(self) -> int:
-        return sum(t.nbytes() for t in self.layers)
+        return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self))
 
     def _replace_layer(self, layer: int, tiers: Tiers, length) -> "TwoTierKVCache":
         layers = list(self.layers)
@@ -596,7 +599,7 @@ def stats(state: TwoTierState) -> KvCacheStats:
         store_bytes=store_bytes, compression_ratio=(total * row * 2) / held_bytes if held_bytes else 1.0,
         sink_tokens=sinks, sink_bytes=sinks * float_bytes, evicted_tokens=oldest * spec.block,
         store_compression_ratio=(store_tokens * row * 2) / store_bytes if store_bytes else 1.0,
-        allocated_bytes=tiers.nbytes(),
+        allocated_bytes=tiers.nbytes() + state.length.nbytes,
     )
 
 
@@ -692,23 +695,41 @@ class TwoTierKvCache:
     def __len__(self) -> int:
         return self.stats().total_tokens
 
-    def _rows(self, x, name: str) -> np.ndarray:
-        c = self.config
+    @staticmethod
+    def _floats(x, name: str) -> np.ndarray:
+        """x as a float32 array of finite real numbers, else `KvCacheError`."""
         try:
             arr = np.asarray(x)
         except Exception as e:  # noqa: BLE001 - any unconvertible object
             raise KvCacheError(f"{name} must be an array of floats, got {type(x).__name__}: {e}") from None
-        if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+        if arr.dtype.kind not in "fiu":
             raise KvCacheError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+        if not np.all(np.isfinite(arr)):
+            raise KvCacheError(f"{name} holds NaN or infinite values; the cache stores finite numbers only")
+        return arr.astype(np.float32)
+
+    def _limit(self) -> float:
+        """The largest magnitude the tiers can hold: float16's, when an FP16 tail or float16 scales
+        (a quantized or FP16 store) take the values; none for FP32/BF16 tail and store."""
+        halves = (Precision.FP16, Precision.Q8, Precision.Q4)
+        uses_f16 = self.config.tail_precision is Precision.FP16 or self.store_precision in halves
+        return kv_quant.F16_MAX if uses_f16 else np.inf
+
+    def _rows(self, x, name: str) -> np.ndarray:
+        c = self.config
+        arr = self._floats(x, name)
         stride = c.num_kv_heads * c.head_dim
         if arr.ndim == 1 and arr.size and arr.size % stride == 0:
             arr = arr.reshape(-1, c.num_kv_heads, c.head_dim)
         if arr.ndim != 3 or arr.shape[1:] != (c.num_kv_heads, c.head_dim) or arr.shape[0] < 1:
             raise KvCacheError(f"{name} of shape {arr.shape} does not fit the cache: expected [n >= 1, "
                                f"num_kv_heads={c.num_kv_heads}, head_dim={c.head_dim}] or n * {stride} floats")
-        if not np.all(np.isfinite(arr)):
-            raise KvCacheError(f"{name} holds NaN or infinite values; the cache stores finite numbers only")
-        return arr.astype(np.float32)
+        peak = float(np.max(np.abs(arr)))
+        if peak > self._limit():
+            raise KvCacheError(
+                f"{name} hold a value of magnitude {peak:g}, beyond float16's {kv_quant.F16_MAX:g}: the "
+                f"{self.config.tail_precision.name} tail / {self.store_precision.name} store cannot represent it")
+        return arr
 
     def append(self, keys, values) -> None:
         k, v = self._rows(keys, "keys"), self._rows(values, "values")
@@ -727,7 +748,7 @@ class TwoTierKvCache:
 
     def attend(self, query, scale: float) -> jax.Array:
         c = self.config
-        q = np.asarray(query, dtype=np.float32) if not isinstance(query, jax.Array) else np.asarray(query, np.float32)
+        q = self._floats(query, "query")
         if q.ndim == 1 and q.size % c.head_dim == 0:
             q = q.reshape(-1, c.head_dim)
         if q.ndim != 2 or q.shape[1] != c.head_dim or q.shape[0] == 0 or q.shape[0] % c.num_kv_heads:
