@@ -409,8 +409,8 @@ def plot(results: dict, path: str) -> None:
     a.set_xlabel("tail length (FP16 tokens)")
     a.set_ylabel("perplexity change vs the FP16 cache (%)")
     worst = max((100 * abs(x - 1) for r in rows + evicting for x in r["ppl_ratio_vs_fp16"].values()), default=0.0)
-    a.set_title(f"teacher-forced through the cache, all texts (target: within +1 % at tail 64; "
-                f"worst text and row here {worst:.2f} %)", fontsize=9)
+    a.set_title(f"perplexity, teacher-forced through the cache\n(target within 1 % at tail 64; "
+                f"worst here {worst:.2f} %)", fontsize=9)
     a.legend(fontsize=8)
     a.grid(alpha=0.3)
     mem = [r for r in results["rows"] if r["kv_cache_config"] is not None and not r.get("evicts") and r["sinks"] == 0
@@ -421,7 +421,7 @@ def plot(results: dict, path: str) -> None:
                    ha="center", fontsize=7, textcoords="offset points", xytext=(0, 2))
     b.set_xticks(range(len(mem)), [r["name"].replace(" store", "") for r in mem], rotation=45, ha="right", fontsize=7)
     b.set_ylabel("store bytes per token per layer (scales included)")
-    b.set_title("stored tokens (migration = min(tail, 64)); label: smaller than FP16", fontsize=9)
+    b.set_title("store bytes per token (migration = min(tail, 64))\nlabels: times smaller than FP16", fontsize=9)
     qw = results["qwen_memory"]
     names = list(dict.fromkeys(r["cache"] for r in qw))
     ns = sorted({r["tokens"] for r in qw})

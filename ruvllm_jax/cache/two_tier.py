@@ -124,6 +124,11 @@ class _Counts(NamedTuple):
 # Arrays.
 
 
+def _nbytes(x) -> int:
+    """Bytes of an array or of a `jax.ShapeDtypeStruct`."""
+    return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+
+
 def _set_block(arr: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
     """arr [KVH, N, ...] with block `slot[b]` set to value[b] ([B, KVH, ...]) for each sequence b.
 
@@ -189,7 +194,7 @@ class StoreSegment:
 
     def block_nbytes(self) -> int:
         """Bytes one block of one sequence takes, codes and scales together."""
-        return sum(a.nbytes // a.shape[1] for a in self.arrays())
+        return sum(_nbytes(a) // a.shape[1] for a in self.arrays())
 
     def encode(self, k: jax.Array, v: jax.Array) -> dict:
         """Blocks k, v [..., BS, D] in this segment's precision, as its fields."""
@@ -254,7 +259,7 @@ class Tiers:
 
     def nbytes(self) -> int:
         """Every array's bytes, the segments' int32 bookkeeping included."""
-        return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self))
+        return sum(map(_nbytes, jax.tree_util.tree_leaves(self)))
 
 
 def _ring_table(first, base, ring: int, batch: int) -> jax.Array:
@@ -418,7 +423,29 @@ class TwoTierKVCache:
         return self.spec.capacity
 
     def nbytes(self) -> int:
-        return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self))
+        """Bytes of every array (also of a `jax.eval_shape` of the cache: nothing allocated)."""
+        return sum(map(_nbytes, jax.tree_util.tree_leaves(self)))
+
+    def sequence(self, layer: int, b: int = 0) -> "TwoTierState":
+        """Sequence b's cache in layer `layer` as a one-layer `TwoTierState` (for `stats`, `get_all_kv`)."""
+        spec, tiers = self.spec, self.layers[layer]
+
+        def rows(x, per):  # x [KVH, B * per, ...] -> sequence b's [KVH, per, ...]
+            return None if x is None else x[:, b * per:(b + 1) * per]
+
+        stores = tuple(seg.replace(**{name: rows(getattr(seg, name), spec.slots) for name in
+                                      ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero")},
+                                   start=seg.start[b:b + 1], end=seg.end[b:b + 1]) for seg in tiers.stores)
+        one = Tiers(tiers.sink_k[b:b + 1], tiers.sink_v[b:b + 1], rows(tiers.tail_k, spec.tail_blocks),
+                    rows(tiers.tail_v, spec.tail_blocks), stores)
+        return TwoTierState(one, self.length[b], spec)
+
+    def stats(self, b: int = 0) -> "KvCacheStats":
+        """Sequence b's statistics summed over layers (tokens are per layer, as in one layer)."""
+        per_layer = [stats(self.sequence(i, b)) for i in range(len(self.layers))]
+        summed = {f.name: sum(getattr(s, f.name) for s in per_layer) for f in dataclasses.fields(KvCacheStats)
+                  if f.name.endswith("_bytes")}
+        return dataclasses.replace(per_layer[0], **summed)
 
     def _replace_layer(self, layer: int, tiers: Tiers, length) -> "TwoTierKVCache":
         layers = list(self.layers)

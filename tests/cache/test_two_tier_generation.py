@@ -7,6 +7,7 @@ compiled HLO is checked for per-step copies of the tail and store buffers.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -189,3 +190,30 @@ def test_pallas_kernels_read_the_tiers_like_the_jnp_path(store):
         cache.append(keys, values)
         outs.append(np.asarray(cache.attend(q, 0.2)))
     np.testing.assert_allclose(outs[1], outs[0], atol=2e-5, rtol=2e-5)
+
+
+def test_model_cache_stats_per_sequence_equal_the_one_layer_facade():
+    """The model's cache reports, per sequence, what RuvLLM's one-layer cache holding the same
+    tokens reports, bytes summed over layers; its size needs no allocation (eval_shape)."""
+    import jax
+
+    from ruvllm_jax.cache import two_tier as tt
+
+    kv = KvCacheConfig(tail_length=8, migration_batch=4, max_tokens=40, num_kv_heads=2, head_dim=8,
+                       num_sink_tokens=2, store_precision=Precision.Q4)
+    spec = tt.TwoTierSpec.from_config(kv)
+    keys = np.random.default_rng(0).normal(size=(2, 30, 2, 8)).astype(np.float32)
+    cache = tt.TwoTierKVCache.init(spec, num_layers=3, batch=2)
+    assert jax.eval_shape(lambda: tt.TwoTierKVCache.init(spec, num_layers=3, batch=2)).nbytes() == cache.nbytes()
+    fill = jax.jit(lambda c, k, n: functools.reduce(lambda c, i: c.write_prompt(i, k, -k, n), range(3), c))
+    cache = fill(cache, jnp.asarray(keys), jnp.asarray([30, 11]))
+    for b, n in enumerate((30, 11)):
+        one = tt.TwoTierKvCache(kv)
+        one.append(keys[b, :n], -keys[b, :n])
+        want = one.stats()
+        got = cache.stats(b)
+        assert got.total_tokens == want.total_tokens == n
+        assert (got.tail_bytes, got.store_bytes, got.sink_bytes) == (3 * want.tail_bytes, 3 * want.store_bytes,
+                                                                     3 * want.sink_bytes)
+        np.testing.assert_array_equal(np.asarray(tt.get_all_kv(cache.sequence(1, b))[0]),
+                                      np.asarray(tt.get_all_kv(one.state)[0]))
