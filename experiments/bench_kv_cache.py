@@ -36,8 +36,6 @@ from ruvllm_jax.models import llama
 from ruvllm_jax.models.config import LlamaConfig
 from ruvllm_jax.types import GenerateParams, KvCacheConfig, Precision
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_kv_cache.py", "Benchmark config.")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTIGUOUS = "contiguous FP32"
 
@@ -187,4 +185,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: tests import several study modules into one process.
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_kv_cache.py", "Benchmark config.")
     app.run(main)

@@ -50,8 +50,6 @@ from ruvllm_jax.types import KvCacheConfig, Precision
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import continual_data  # noqa: E402  (sibling module: the cleaned Alice text, the Shakespeare split)
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/kv_cache_quality.py", "Study config.")
-
 FP16_ROW = "FP16 store"  # the reference row of every ratio
 BASELINE_ROW = "contiguous FP32"
 EXACT_ROW = "FP32 store"
@@ -446,4 +444,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: tests import several study modules into one process.
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/kv_cache_quality.py", "Study config.")
     app.run(main)

@@ -26,8 +26,6 @@ from ml_collections import config_flags
 from ruvllm_jax.lora import AdaptFeedback, MicroLoRA
 from ruvllm_jax.training import bpe
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/sona_continual.py", "Study config.")
-
 TrainFn = Callable[[dict, object, list[Passage]], dict]  # (params, cfg, passages) -> adapters pytree
 
 
@@ -288,4 +286,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: tests import several study modules into one process.
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/sona_continual.py", "Study config.")
     app.run(main)
