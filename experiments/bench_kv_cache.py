@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app
+from kv_cache_quality import resolve  # noqa: E402  (sibling script: smoke overrides, the same rule)
 from ml_collections import config_flags
 
 from ruvllm_jax.backend import engine
@@ -38,16 +39,6 @@ from ruvllm_jax.types import GenerateParams, KvCacheConfig, Precision
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTIGUOUS = "contiguous FP32"
-
-
-def resolve(c):
-    """The config to run: `c` with `smoke_overrides` applied when `c.smoke` is set."""
-    c = c.copy_and_resolve_references()
-    if c.smoke:
-        with c.unlocked():
-            for k, v in c.smoke_overrides.items():
-                c[k] = v
-    return c
 
 
 def qwen_shape(seed: int):

@@ -143,10 +143,15 @@ def new_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32,
             max_len=max_len, dtype=dtype,
         )
     spec = two_tier_spec(cfg, kv_cache_config)
-    if not kv_cache_config.eviction and max_len > spec.capacity:
-        raise KvCacheError(f"a generation of up to {max_len} tokens does not fit a two-tier cache of "
-                           f"{spec.capacity} tokens with eviction off (KvCacheConfig.eviction=False)")
+    check_two_tier_fits(spec, max_len)
     return TwoTierKVCache.init(spec, num_layers=cfg.num_layers, batch=batch)
+
+
+def check_two_tier_fits(spec: TwoTierSpec, tokens: int, what: str = "a generation") -> None:
+    """`KvCacheError` when `tokens` exceed the two-tier cache's capacity and it may not evict."""
+    if not spec.config.eviction and tokens > spec.capacity:
+        raise KvCacheError(f"{what} of up to {tokens} tokens does not fit a two-tier cache of "
+                           f"{spec.capacity} tokens with eviction off (KvCacheConfig.eviction=False)")
 
 
 def two_tier_spec(cfg: LlamaConfig, kv_cache_config: KvCacheConfig) -> TwoTierSpec:

@@ -23,7 +23,6 @@ from ruvllm_jax.backend.tokenizer import IncrementalDecoder, Tokenizer, check_to
 from ruvllm_jax.errors import (
     ConfigError,
     InvalidOperationError,
-    KvCacheError,
     ModelError,
     TokenizationError,
 )
@@ -288,11 +287,8 @@ class JaxBackend:
         engine.buckets(len(ids), params.max_tokens, self.max_context())  # also refuses an empty prompt
         kv = m.model_config.kv_cache_config
         if kv is not None:
-            spec = engine.two_tier_spec(m.cfg, kv)
-            if not kv.eviction and len(ids) + params.max_tokens > spec.capacity:
-                raise KvCacheError(
-                    f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds the two-tier cache's "
-                    f"{spec.capacity} tokens with eviction off (KvCacheConfig.eviction=False)")
+            engine.check_two_tier_fits(engine.two_tier_spec(m.cfg, kv), len(ids) + params.max_tokens,
+                                       f"a prompt of {len(ids)} tokens + max_tokens={params.max_tokens}")
         return sampling
 
     def _generate_text(self, prompt: str, params: GenerateParams, callback: StreamCallback, stream: bool) -> None:

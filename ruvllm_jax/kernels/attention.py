@@ -22,7 +22,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from ruvllm_jax.errors import ConfigError, PagedAttentionError
+from ruvllm_jax.errors import ConfigError
 from ruvllm_jax.kernels._online_softmax import merge_attention
 from ruvllm_jax.kernels.config import (
     AttentionConfig,
@@ -193,9 +193,6 @@ def paged_attention(
                               return_residuals=return_residuals, kernel=kernel)
         return (res[0][0], (res[1][0][0], res[1][1][0])) if return_residuals else res[0]
     check_paged_shapes(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales)
-    if not jnp.issubdtype(block_tables.dtype, jnp.integer) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise PagedAttentionError(
-            f"block_tables and lengths must be integer arrays, got {block_tables.dtype}, {lengths.dtype}")
     check_block_tables(block_tables, lengths, k_pages.shape[1], k_pages.shape[2])
     window = check_window(sliding_window)
     scale = default_scale(scale, q.shape[-1])

@@ -54,6 +54,27 @@ def check_block_tables(block_tables, lengths, num_blocks: int, block_size: int) 
                 f"block_tables[{b}, {i}] = {int(used[i])} is outside the pool of {num_blocks} blocks")
 
 
+def check_table_shapes(block_tables, lengths, batch: int) -> None:
+    """block_tables [batch, max_blocks] and lengths [batch], both integer arrays."""
+    if block_tables.ndim != 2 or block_tables.shape[0] != batch or lengths.shape != (batch,):
+        raise PagedAttentionError(
+            f"expected block_tables [B={batch}, max_blocks] and lengths [{batch}], "
+            f"got {block_tables.shape} and {lengths.shape}")
+    if not jnp.issubdtype(block_tables.dtype, jnp.integer) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise PagedAttentionError(
+            f"block_tables and lengths must be integer arrays, got {block_tables.dtype}, {lengths.dtype}")
+
+
+def split_tables(tables, pages_per_step: int, max_splits: int):
+    """Tables [B, MB] cut into K splits of whole steps of `pages_per_step` pages (padded with page 0,
+    past every length) -> (tables [B, splits, pages_per_split], splits), for the split-K kernels."""
+    b, mb = tables.shape
+    n_steps = -(-mb // pages_per_step)
+    splits = min(max_splits, n_steps)
+    pages_per_split = -(-n_steps // splits) * pages_per_step
+    return pad_axis(tables, 1, splits * pages_per_split).reshape(b, splits, pages_per_split), splits
+
+
 def check_paged_shapes(q, k_pages, v_pages, block_tables, lengths, k_scales, v_scales) -> None:
     if q.ndim != 3 or k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
         raise PagedAttentionError(
@@ -62,10 +83,7 @@ def check_paged_shapes(q, k_pages, v_pages, block_tables, lengths, k_scales, v_s
     b, h, d = q.shape
     if k_pages.shape[3] != d or h % k_pages.shape[0]:
         raise PagedAttentionError(f"q {q.shape} does not fit pools {k_pages.shape}: need same D and H % KVH == 0")
-    if block_tables.ndim != 2 or block_tables.shape[0] != b or lengths.shape != (b,):
-        raise PagedAttentionError(
-            f"expected block_tables [B={b}, max_blocks] and lengths [{b}], "
-            f"got {block_tables.shape} and {lengths.shape}")
+    check_table_shapes(block_tables, lengths, b)
     if (k_scales is None) != (v_scales is None):
         raise PagedAttentionError("int8 KV needs both k_scales and v_scales")
     if k_scales is not None and (k_scales.shape != k_pages.shape[:3] or v_scales.shape != k_pages.shape[:3]):
@@ -142,10 +160,8 @@ def _paged_call_triton(qr, k_pages, v_pages, tables, lengths, k_scales, v_scales
     ppcb = min(blocks.pages_per_compute_block, next_pow2(mb))
     while ppcb * bs < 16:
         ppcb *= 2
-    n_groups = -(-mb // ppcb)
-    splits = min(blocks.max_splits, n_groups)
-    pages_per_split = -(-n_groups // splits) * ppcb
-    tables = pad_axis(tables, 1, splits * pages_per_split).reshape(b, splits, pages_per_split)
+    tables, splits = split_tables(tables, ppcb, blocks.max_splits)
+    pages_per_split = tables.shape[2]
     quantized = k_scales is not None
     pool_spec = pl.BlockSpec((None, nb, bs, d), lambda i, h, j: (h, 0, 0, 0))
     scale_specs = [pl.BlockSpec((None, nb, bs), lambda i, h, j: (h, 0, 0))] * 2 if quantized else []

@@ -41,7 +41,7 @@ from ruvllm_jax.errors import ConfigError, PagedAttentionError
 from ruvllm_jax.kernels._online_softmax import NEG_INF, finish, merge_attention
 from ruvllm_jax.kernels.config import KernelOptions, PagedBlockSizes, compute_dtype, next_pow2, pad_axis
 from ruvllm_jax.kernels.decode import decode_attention_reference
-from ruvllm_jax.kernels.paged import gather_pages
+from ruvllm_jax.kernels.paged import check_table_shapes, gather_pages, split_tables
 
 CODE_DTYPES = {8: jnp.int8, 4: jnp.uint8}
 _MIN_DOT = 16  # Triton's smallest dot tile; below it the kernel multiplies and reduces instead
@@ -95,13 +95,7 @@ def check_quantized_shapes(q, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero
             continue
         if x.shape != shape or not jnp.issubdtype(x.dtype, jnp.floating):
             raise PagedAttentionError(f"{name} must be a float array of shape {shape}, got {x.dtype}{list(x.shape)}")
-    if block_tables.ndim != 2 or block_tables.shape[0] != b or lengths.shape != (b,):
-        raise PagedAttentionError(
-            f"expected block_tables [B={b}, max_blocks] and lengths [{b}], "
-            f"got {block_tables.shape} and {lengths.shape}")
-    if not jnp.issubdtype(block_tables.dtype, jnp.integer) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise PagedAttentionError(
-            f"block_tables and lengths must be integer arrays, got {block_tables.dtype}, {lengths.dtype}")
+    check_table_shapes(block_tables, lengths, b)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,10 +185,8 @@ def _quantized_call_triton(qr, k_codes, v_codes, k_scale, k_zero, v_scale, v_zer
     _, nb, bs, _ = k_codes.shape
     mb = tables.shape[1]
     ppcb = min(blocks.pages_per_compute_block, mb)
-    n_groups = -(-mb // ppcb)
-    splits = min(blocks.max_splits, n_groups)
-    pages_per_split = -(-n_groups // splits) * ppcb
-    tables = pad_axis(tables, 1, splits * pages_per_split).reshape(b, splits, pages_per_split)
+    tables, splits = split_tables(tables, ppcb, blocks.max_splits)
+    pages_per_split = tables.shape[2]
     # Channel scales as [.., planes, Dc]: a free reshape that puts each code plane's scales in a row.
     channel = [x.reshape(kvh, nb, n_planes, dc) for x in (k_scale, k_zero) if x is not None]
     token = [x for x in (v_scale, v_zero) if x is not None]
