@@ -100,10 +100,10 @@ def test_long_generation_runs_in_the_bounded_cache(plain):
         strict.generate_tokens(ids, GenerateParams(max_tokens=200, temperature=0.0))
 
 
-def test_sliding_window_models_are_refused(hf_model_dir):
-    kind, _, folder = hf_model_dir
-    if kind != "mistral":
-        return
+def test_sliding_window_models_are_refused(tmp_path):
+    from ruvllm_jax.testing import build_hf_model, save_hf_model
+
+    folder = save_hf_model(build_hf_model("mistral"), str(tmp_path))
     b = JaxBackend()
     with pytest.raises(KvCacheError, match="sliding-window"):
         b.load_model(folder, ModelConfig(kv_cache_config=_kv()))
