@@ -20,8 +20,6 @@ import time
 from absl import app
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_decode.py", "Benchmark config.")
-
 
 def _median_time(fn, repeats: int) -> float:
     fn()  # warm-up (compiles)
@@ -161,4 +159,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: other experiments import this module (`qwen_shape_model`), and a
+    # second definition of the flag would raise DuplicateFlagError.
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_decode.py", "Benchmark config.")
     app.run(main)

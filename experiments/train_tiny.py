@@ -14,17 +14,17 @@ import json
 import os
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, logging
 from ml_collections import config_flags
 
-from ruvllm_jax.cache import ContiguousKVCache
-from ruvllm_jax.models import llama
+from ruvllm_jax.backend.engine import Engine, EngineConfig
+from ruvllm_jax.backend.serving import ServingEngine
 from ruvllm_jax.models.config import LlamaConfig
 from ruvllm_jax.models.loader import load_config, load_params, save_hf_folder
 from ruvllm_jax.training import bpe, data, scoring, train
+from ruvllm_jax.types import GenerateParams
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/train_tiny.py", "Training config.")
 
@@ -41,19 +41,13 @@ def model_config(c) -> LlamaConfig:
 
 
 def sample_text(params, cfg: LlamaConfig, tok, prompt: str, n: int, temperature: float, seed: int) -> str:
-    """Temperature sampling with prefill + cached decode (for the model card)."""
-    ids = bpe.encode(tok, prompt)
-    cache = ContiguousKVCache.init(num_layers=cfg.num_layers, batch=1, num_kv_heads=cfg.num_kv_heads,
-                                   head_dim=cfg.head_dim, max_len=len(ids) + n)
-    logits, cache = jax.jit(lambda p, t, c: llama.prefill(p, cfg, t, c))(params, jnp.asarray(ids[None]), cache)
-    step = jax.jit(lambda p, t, pos, c: llama.decode(p, cfg, t, pos, c))
-    key, out, last = jax.random.PRNGKey(seed), list(ids), logits[:, -1]
-    for i in range(n):
-        key, sub = jax.random.split(key)
-        nxt = jax.random.categorical(sub, last / temperature, axis=-1)
-        out.append(int(nxt[0]))
-        last, cache = step(params, nxt.astype(jnp.int32), jnp.asarray([len(ids) + i], jnp.int32), cache)
-    return tok.decode(out)
+    """Temperature sampling on the serving engine (one contiguous slot, no EOS), for the model card."""
+    ids = [int(t) for t in bpe.encode(tok, prompt)]
+    max_len = 1 << (len(ids) + n - 1).bit_length()
+    server = ServingEngine(Engine(cfg, EngineConfig(max_slots=1, layout="contiguous", max_len=max_len)), params)
+    rid = server.add_request(ids, GenerateParams(max_tokens=n, temperature=temperature, top_p=1.0,
+                                                 repetition_penalty=1.0, seed=seed))
+    return tok.decode(ids + server.run()[rid])
 
 
 def evaluate(folder: str, text: str, stride: int) -> dict:

@@ -16,14 +16,20 @@ scoring).
 """
 
 from ruvllm_jax.backend import JaxBackend, LlmBackend, Tokenizer
+from ruvllm_jax.backend.engine import Engine, EngineConfig
+from ruvllm_jax.backend.jax_backend import Session
 from ruvllm_jax.backend.sampling import SamplingParams
+from ruvllm_jax.backend.serving import RequestOutput, ServingEngine
 from ruvllm_jax.cache import (
     CacheQuantization,
     ContiguousKVCache,
     KVCache,
     KvCacheStats,
     KVPart,
+    PagedKVCache,
+    PagedKvCache,
     PagedKVPart,
+    PagedSpec,
     QuantizedKVPart,
     SegmentedKVCache,
     TwoTierKvCache,
@@ -100,10 +106,10 @@ __all__ = [
     "DeviceType", "GenerateParams", "KvCacheConfig", "MemoryStats", "ModelConfig", "ModelInfo", "ModelSize",
     "Precision", "SamplingParams", "LlamaConfig",
     # backend
-    "JaxBackend", "LlmBackend", "Tokenizer",
+    "JaxBackend", "LlmBackend", "Tokenizer", "Engine", "EngineConfig", "ServingEngine", "RequestOutput", "Session",
     # caches and attention
     "ContiguousKVCache", "KVCache", "KVPart", "PagedKVPart", "QuantizedKVPart", "SegmentedKVCache",
-    "CacheQuantization", "KvCacheStats", "TwoTierKvCache",
+    "CacheQuantization", "KvCacheStats", "TwoTierKvCache", "PagedKvCache", "PagedKVCache", "PagedSpec",
     "AttentionConfig", "BlockSizes", "DecodeBlockSizes", "FlashBlockSizes", "KernelOptions", "PagedBlockSizes",
     "decode_attention", "flash_attention", "grouped_query_attention", "merge_attention", "multi_query_attention",
     "paged_attention",

@@ -13,6 +13,7 @@ cache to a power of two >= prompt + max_tokens, capped at the model's `max_conte
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 from typing import Any, Optional
@@ -23,6 +24,7 @@ from flax import struct
 
 from ruvllm_jax.backend.sampling import SamplingParams, presence_from_tokens, sample, update_presence
 from ruvllm_jax.cache import ContiguousKVCache
+from ruvllm_jax.cache.paged import PagedKVCache, PagedSpec, apply_copies
 from ruvllm_jax.cache.segmented import SegmentedKVCache
 from ruvllm_jax.cache.two_tier import TwoTierKVCache, TwoTierSpec
 from ruvllm_jax.errors import ConfigError, GenerationError, KvCacheError
@@ -39,12 +41,21 @@ DEFAULT_KERNEL = KernelOptions()  # "auto": Pallas on GPU/TPU, jnp on CPU
 
 @struct.dataclass
 class DecodeState:
+    """The decode loop's state (gemma's sampler): one row per sequence, or per slot of an `Engine`.
+
+    `rng` is one key for the batch, or one key per row [B] (an engine's slots: each request its own
+    stream). An engine's state also carries each slot's sampling parameters (fields [B]) and the
+    tokens it may still generate (`remaining`); a free slot is `done`.
+    """
+
     cache: Any
     token: jax.Array  # [B] last sampled token, not yet fed through the model
     position: jax.Array  # [B] the position `token` will occupy
     presence: jax.Array  # [B, V] bool: tokens seen so far (for the repetition penalty)
     done: jax.Array  # [B] bool
     rng: jax.Array
+    remaining: Optional[jax.Array] = None  # [B] int32: tokens each row may still generate
+    sampling: Optional[SamplingParams] = None  # per-row parameters; None: the loop's argument
 
 
 def _next_pow2(n: int, floor: int) -> int:
@@ -86,20 +97,37 @@ def prefill_and_sample(
     )
 
 
+def split_rng(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(next rng, key to draw with) for one key, or row by row for keys [B] (each row's stream is
+    exactly the stream it has alone)."""
+    if rng.ndim == 0:
+        rng, key = jax.random.split(rng)
+        return rng, key
+    pairs = jax.vmap(jax.random.split)(rng)
+    return pairs[:, 0], pairs[:, 1]
+
+
 def decode_step(params, state: DecodeState, sampling: SamplingParams, eos_ids, adapters, cfg: LlamaConfig,
                 kernel: KernelOptions):
     """Feed each sequence's last token, sample the next. Finished sequences stay frozen."""
     logits, cache = llama.decode(params, cfg, state.token, state.position, state.cache, adapters=adapters,
                                  kernel=kernel)
-    rng, key = jax.random.split(state.rng)
+    rng, key = split_rng(state.rng)
+    sampling = sampling if state.sampling is None else state.sampling
     token = jnp.where(state.done, state.token, sample(key, logits, state.presence, sampling))
-    return DecodeState(
+    done = state.done | _is_eos(token, eos_ids)
+    remaining = state.remaining
+    if remaining is not None:
+        remaining = remaining - jnp.where(state.done, 0, 1)
+        done = done | (remaining <= 0)
+    return state.replace(
         cache=cache,
         token=token,
         position=state.position + jnp.where(state.done, 0, 1),
         presence=update_presence(state.presence, token),
-        done=state.done | _is_eos(token, eos_ids),
+        done=done,
         rng=rng,
+        remaining=remaining,
     )
 
 
@@ -109,6 +137,12 @@ def decode_chunk(
     cfg: LlamaConfig, chunk: int = DEFAULT_CHUNK, kernel: KernelOptions = DEFAULT_KERNEL,
 ):
     """Up to min(chunk, limit) decode steps on device -> (state, tokens [B, chunk] (-1 = none), count)."""
+    return decode_loop(params, state, sampling, eos_ids, limit, adapters, cfg=cfg, chunk=chunk, kernel=kernel)
+
+
+def decode_loop(params, state: DecodeState, sampling, eos_ids, limit, adapters, *, cfg: LlamaConfig, chunk: int,
+                kernel: KernelOptions):
+    """`decode_chunk`'s body, for callers already inside jit (the engine's `generate`)."""
     b = state.token.shape[0]
 
     def cond(carry):
@@ -125,7 +159,8 @@ def decode_chunk(
     out = jnp.full((b, chunk), -1, jnp.int32)
     segmented = isinstance(state.cache, ContiguousKVCache) and SegmentedKVCache.supports(cfg.sliding_windows)
     if segmented:  # append to a short segment inside the loop; one write-back per chunk
-        state = state.replace(cache=SegmentedKVCache.open(state.cache, state.position, chunk))
+        segment = SegmentedKVCache.open(state.cache, state.position, min(chunk, state.cache.max_len))
+        state = state.replace(cache=segment)  # (a chunk never runs past the cache's end)
     count, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
     if segmented:
         state = state.replace(cache=state.cache.close())
@@ -179,3 +214,194 @@ def make_rng(seed: Optional[int]) -> jax.Array:
     seed = int(seed)
     key = jax.random.key(seed & 0xFFFFFFFF)
     return jax.random.fold_in(key, seed >> 32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine: slots, a paged pool, one decode step for every slot (JetStream's engine_api shape).
+
+DEFAULT_POOL_TOKENS = 8192  # the default pool when EngineConfig.num_blocks is None (see `num_blocks`)
+_LAYOUTS = ("paged", "contiguous")
+
+
+def _positive_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"EngineConfig.{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Static shape of an engine (hashable; every field change compiles its own executables).
+
+    - `max_slots`: sequences decoded together (the batch of every decode step);
+    - `max_len`: the longest a sequence gets, prompt + generation (a session: the whole conversation);
+    - `layout` "paged": a pool of `num_blocks` blocks of `block_size` tokens shared by all slots
+      (None: room for every slot at `max_len`, capped at `DEFAULT_POOL_TOKENS` tokens), in
+      `kv_dtype` ("float32", "float16", "bfloat16" or "int8" with per-token scales);
+      "contiguous": one slot with its own [max_len] cache, the single-sequence path (the
+      segmented decode of `decode_chunk`; or the two-tier cache with `kv_cache_config`);
+    - `chunk`: decode steps per device call; `kernel`: how attention runs.
+    """
+
+    max_slots: int = 8
+    max_len: int = 2048
+    layout: str = "paged"
+    block_size: int = 16
+    num_blocks: Optional[int] = None
+    kv_dtype: str = "float32"
+    chunk: int = DEFAULT_CHUNK
+    kernel: KernelOptions = DEFAULT_KERNEL
+    kv_cache_config: Optional[KvCacheConfig] = None
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("max_slots", _positive_int(self.max_slots, "max_slots"))
+        set_("max_len", _positive_int(self.max_len, "max_len"))
+        set_("block_size", _positive_int(self.block_size, "block_size"))
+        set_("chunk", _positive_int(self.chunk, "chunk"))
+        if self.layout not in _LAYOUTS:
+            raise ConfigError(f"EngineConfig.layout must be one of {_LAYOUTS}, got {self.layout!r}")
+        if self.num_blocks is not None:
+            set_("num_blocks", _positive_int(self.num_blocks, "num_blocks"))
+        if not isinstance(self.kernel, KernelOptions):
+            raise ConfigError(f"EngineConfig.kernel must be a KernelOptions, got {self.kernel!r}")
+        if self.kv_cache_config is not None and not isinstance(self.kv_cache_config, KvCacheConfig):
+            raise ConfigError(f"EngineConfig.kv_cache_config must be None or a KvCacheConfig, "
+                              f"got {self.kv_cache_config!r}")
+        if self.layout == "paged":
+            if self.kv_dtype not in ("float32", "float16", "bfloat16", "int8"):
+                raise ConfigError(f"EngineConfig.kv_dtype must be float32, float16, bfloat16 or int8, "
+                                  f"got {self.kv_dtype!r}")
+            if self.kv_cache_config is not None:
+                raise ConfigError("the two-tier cache (kv_cache_config) runs on layout='contiguous', not 'paged'")
+        elif self.max_slots != 1:
+            raise ConfigError(f"layout='contiguous' holds one sequence; got max_slots={self.max_slots} "
+                              f"(use layout='paged' to batch)")
+
+    @property
+    def blocks_per_seq(self) -> int:
+        return -(-self.max_len // self.block_size)
+
+    @property
+    def pool_blocks(self) -> int:
+        if self.num_blocks is not None:
+            return self.num_blocks
+        cap = -(-DEFAULT_POOL_TOKENS // self.block_size)
+        return max(self.blocks_per_seq, min(self.max_slots * self.blocks_per_seq, cap))
+
+
+def _set_row(x, slot, value):
+    return x.at[slot].set(jnp.asarray(value, x.dtype) if not isinstance(value, jax.Array) else value.astype(x.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "config", "with_context"), donate_argnames=("state",))
+def prefill_slot(params, state: DecodeState, slot, tokens, length, start, presence, sampling: SamplingParams, rng,
+                  max_tokens, eos_ids, table, adapters, *, cfg: LlamaConfig, config: EngineConfig,
+                  with_context: bool) -> DecodeState:
+    """Prefill one request into `slot` and sample its first token (see `Engine.prefill`)."""
+    cache = state.cache
+    if config.layout == "paged":
+        view = cache.with_tables(table[None])
+        logits, view = llama.prefill(params, cfg, tokens[None], view, adapters=adapters, kernel=config.kernel,
+                                     logit_positions=(length - 1)[None], lengths=length[None],
+                                     start=start[None] if with_context else None)
+        cache = view.with_tables(cache.block_tables)
+    else:
+        logits, cache = llama.prefill(params, cfg, tokens[None], cache, adapters=adapters, kernel=config.kernel,
+                                      logit_positions=(length - 1)[None], lengths=length[None])
+    rng, key = jax.random.split(rng)
+    token = sample(key, logits, presence[None], sampling)[0]
+    done = _is_eos(token[None], eos_ids)[0] | (max_tokens <= 1)
+    rows = state.sampling
+    return state.replace(
+        cache=cache,
+        token=_set_row(state.token, slot, token),
+        position=_set_row(state.position, slot, start + length),
+        presence=state.presence.at[slot].set(update_presence(presence[None], token[None])[0]),
+        done=_set_row(state.done, slot, done),
+        rng=state.rng.at[slot].set(rng),
+        remaining=_set_row(state.remaining, slot, max_tokens - 1),
+        sampling=rows.with_row(slot, sampling),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "config"), donate_argnames=("state",))
+def generate_slots(params, state: DecodeState, tables, eos_ids, limit, adapters, *, cfg: LlamaConfig,
+              config: EngineConfig):
+    if config.layout == "paged":
+        parked = state.cache.block_tables
+        state = state.replace(cache=state.cache.with_tables(tables))
+    state, out, count = decode_loop(params, state, None, eos_ids, limit, adapters, cfg=cfg, chunk=config.chunk,
+                                    kernel=config.kernel)
+    if config.layout == "paged":
+        state = state.replace(cache=state.cache.with_tables(parked))
+    return state, out, count
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def free_slot(state: DecodeState, slot) -> DecodeState:
+    return state.replace(done=state.done.at[slot].set(True), remaining=state.remaining.at[slot].set(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """Pure, jitted serving steps over an explicit `DecodeState` with `max_slots` slots.
+
+    After JetStream's `engine_api`: `init_decode_state`, `prefill` (a request into a free slot:
+    its prompt through the model, its KV into the slot's blocks, its first token sampled; the
+    paged pool has no per-request KV to move, so JetStream's prefill and insert are one step),
+    `generate` (up to `chunk` decode steps of every slot at once, each slot with its own sampling
+    parameters and PRNG stream) and `free`. Params, adapters and the state are arguments, never
+    closed over; the state is donated. Which blocks a slot owns is the host's business
+    (`backend.serving.ServingEngine` with `cache.allocator`): it passes the tables in.
+    """
+
+    cfg: LlamaConfig
+    config: EngineConfig
+
+    @property
+    def paged_spec(self) -> PagedSpec:
+        c = self.config
+        return PagedSpec(num_blocks=c.pool_blocks, block_size=c.block_size, num_kv_heads=self.cfg.num_kv_heads,
+                         head_dim=self.cfg.head_dim, dtype=c.kv_dtype)
+
+    def init_decode_state(self) -> DecodeState:
+        """Every slot free: done, nothing to generate."""
+        c, s = self.config, self.config.max_slots
+        if c.layout == "paged":
+            cache = PagedKVCache.init(self.paged_spec, num_layers=self.cfg.num_layers, batch=1, width=1)
+        else:
+            cache = new_cache(self.cfg, 1, c.max_len, kv_cache_config=c.kv_cache_config)
+        zeros = lambda: jnp.zeros((s,), jnp.int32)  # noqa: E731 (separate buffers: the state is donated)
+        return DecodeState(
+            cache=cache, token=zeros(), position=zeros(), presence=jnp.zeros((s, self.cfg.vocab_size), jnp.bool_),
+            done=jnp.ones((s,), jnp.bool_), rng=jax.random.split(jax.random.key(0), s), remaining=zeros(),
+            sampling=SamplingParams.create().broadcast(s),
+        )
+
+    def prefill(self, params, state: DecodeState, slot: int, tokens, length: int, *, sampling: SamplingParams,
+                rng, max_tokens: int, eos_ids, presence, start: int = 0, table=None, adapters=None) -> DecodeState:
+        """Run `length` real tokens of `tokens` [bucket] at positions start.. into `slot`.
+
+        `start` > 0 continues the slot's sequence after `start` tokens already in its blocks (a
+        session's next turn: only the new tokens run). `table` [W] are the slot's blocks (paged);
+        `presence` [V] bool the tokens the repetition penalty counts (the whole history).
+        """
+        return prefill_slot(params, state, jnp.int32(slot), jnp.asarray(tokens, jnp.int32), jnp.int32(length),
+                             jnp.int32(start), jnp.asarray(presence, jnp.bool_), sampling, rng, jnp.int32(max_tokens),
+                             eos_ids, jnp.zeros((1,), jnp.int32) if table is None else jnp.asarray(table, jnp.int32),
+                             adapters, cfg=self.cfg, config=self.config, with_context=start > 0)
+
+    def generate(self, params, state: DecodeState, *, eos_ids, limit: int, tables=None, adapters=None):
+        """Up to min(chunk, limit) steps of every slot -> (state, tokens [slots, chunk] (-1 none), count)."""
+        tables = jnp.zeros((1, 1), jnp.int32) if tables is None else jnp.asarray(tables, jnp.int32)
+        return generate_slots(params, state, tables, eos_ids, jnp.int32(limit), adapters, cfg=self.cfg,
+                         config=self.config)
+
+    def free(self, state: DecodeState, slot: int) -> DecodeState:
+        """The slot done and empty (its blocks are the host's to reuse)."""
+        return free_slot(state, jnp.int32(slot))
+
+    def copy_blocks(self, state: DecodeState, copies) -> DecodeState:
+        """Copy-on-write copies the allocator asked for, on the pool."""
+        return state.replace(cache=apply_copies(state.cache, copies))

@@ -1,8 +1,9 @@
 """`JaxBackend`: the stateful RuvLLM facade over the pure model and generation engine.
 
-It holds what a user loaded (params pytree, config, tokenizer) and turns text requests into calls
-of the jitted `prefill_and_sample` / `decode_chunk`. Text handling (incremental UTF-8 decoding,
-stop sequences) stays on the host; everything numeric stays on device.
+It holds what a user loaded (params pytree, config, tokenizer) and keeps only text handling
+(tokenizer, incremental UTF-8 pieces, stop strings); generation is the engine's: `generate` and
+`generate_stream` run a one-slot `Engine` on the contiguous cache, `generate_batch`, `session()`
+and `serving_engine()` the paged, continuously batched `ServingEngine`.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ from typing import Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ruvllm_jax.backend import engine
 from ruvllm_jax.backend.base import StreamCallback
 from ruvllm_jax.backend.sampling import SamplingParams
+from ruvllm_jax.backend.serving import ServingEngine
 from ruvllm_jax.backend.tokenizer import IncrementalDecoder, Tokenizer, check_token_ids
+from ruvllm_jax.compilation_cache import ensure_default_compilation_cache
 from ruvllm_jax.errors import (
     ConfigError,
     InvalidOperationError,
     ModelError,
+    SessionError,
     TokenizationError,
 )
 from ruvllm_jax.kernels import KernelOptions
@@ -60,11 +63,14 @@ class JaxBackend:
             raise ConfigError(
                 f"device must be a DeviceType (e.g. DeviceType.Cpu, DeviceType.Cuda(0)) or None, got {device!r}"
             )
+        ensure_default_compilation_cache()  # compiled programs persist across processes (see compilation_cache)
         self._device = device if device is not None else DeviceType.best()
         self._jax_device = self._device.to_jax()
         self._model: Optional[_Loaded] = None
         self._last_cache_bytes = 0
         self._adapters = None  # a LoRA adapters pytree or a MicroLoRA, applied in every forward when set
+        self._engine_config: Optional[engine.EngineConfig] = None
+        self._sessions_engine: Optional[ServingEngine] = None
         self.decode_chunk_size = engine.DEFAULT_CHUNK
 
     @property
@@ -130,6 +136,7 @@ class JaxBackend:
         name = model_id if is_hub_id else os.path.basename(path.rstrip(os.sep))
         self._device, self._jax_device = device, jax_device
         self._model = _Loaded(params, cfg, config, tokenizer, eos_ids, path, name)
+        self._sessions_engine = None  # sessions belong to the model they were opened on
 
     def download_model(
         self, model_id: str, quantization: Precision = Precision.FP32, cache_dir: Optional[str] = None,
@@ -145,6 +152,7 @@ class JaxBackend:
 
     def unload(self) -> None:
         self._model = None
+        self._sessions_engine = None
 
     # -- introspection ---------------------------------------------------------------------------
     def is_loaded(self) -> bool:
@@ -294,73 +302,127 @@ class JaxBackend:
     def _generate_text(self, prompt: str, params: GenerateParams, callback: StreamCallback, stream: bool) -> None:
         ids = self._encode(prompt)
         sampling = self._check_request(ids, params)
-        decoder = IncrementalDecoder(self._require().tokenizer, self._require().cfg.vocab_size)
-        stops = params.stop_sequences
-        longest_stop = max((len(s) for s in stops), default=0)
-        text, emitted = "", 0
+        self._emit_text(self._token_stream(ids, params, sampling, stream=stream), params, callback)
 
-        for token in self._token_stream(ids, params, sampling, stream=stream):
-            text += decoder.push(token)
-            if stops:
-                hit = _find_stop(text, stops, max(0, emitted - longest_stop))
-                if hit is not None:
-                    if hit > emitted:
-                        callback(text[emitted:hit])
-                    return
-                safe = len(text) - _held_back(text, stops)
-            else:
-                safe = len(text)
-            if safe > emitted:
-                piece, emitted = text[emitted:safe], safe
-                if callback(piece) is False:
-                    return
-        text += decoder.flush()
-        if stops:
-            hit = _find_stop(text, stops, max(0, emitted - longest_stop))
-            text = text if hit is None else text[:hit]
-        if len(text) > emitted:
-            callback(text[emitted:])
+    def _emit_text(self, tokens: Iterator[int], params: GenerateParams, callback: StreamCallback) -> None:
+        """Decode `tokens` into text pieces for `callback` until a stop string, False, or the end."""
+        text = _TextAssembler(self._require().tokenizer, self._require().cfg.vocab_size, params.stop_sequences)
+        for token in tokens:
+            piece, stopped = text.push(token)
+            if piece and callback(piece) is False or stopped:
+                return
+        piece = text.finish()
+        if piece:
+            callback(piece)
+
+    def _serving_engine(self, config: engine.EngineConfig) -> ServingEngine:
+        m = self._require()
+        return ServingEngine(engine.Engine(m.cfg, config), m.params, eos_ids=m.eos_ids,
+                             adapters=lambda: self.adapters, device=self._jax_device)
 
     def _token_stream(
         self, ids: list[int], params: GenerateParams, sampling: SamplingParams, stream: bool,
     ) -> Iterator[int]:
-        """Tokens of a request `_check_request` accepted (it built `sampling`)."""
+        """Tokens of a request `_check_request` accepted, on a one-slot engine sized for it."""
         m = self._require()
+        del sampling  # the engine derives it from params again (checked already)
         if params.max_tokens == 0:
             return
-        prompt_bucket, cache_len = engine.buckets(len(ids), params.max_tokens, self.max_context())
-        tokens = np.zeros((1, prompt_bucket), np.int32)
-        tokens[0, : len(ids)] = ids
-        eos = jnp.asarray(m.eos_ids or (-1,), jnp.int32)
-        with jax.default_device(self._jax_device):
-            kv = m.model_config.kv_cache_config  # two-tier: its shape is the config's, not a bucket's
-            cache = engine.new_cache(m.cfg, 1, cache_len if kv is None else len(ids) + params.max_tokens,
-                                     kv_cache_config=kv)
-            self._last_cache_bytes = cache.nbytes()
-            state = engine.prefill_and_sample(
-                m.params, jnp.asarray(tokens), jnp.asarray([len(ids)], jnp.int32), cache, sampling,
-                engine.make_rng(params.seed), eos, self.adapters, cfg=m.cfg, kernel=self._kernel_options(),
-            )
-            first = int(state.token[0])
-            if first in m.eos_ids:
-                return
-            yield first
-            produced = 1
-            while produced < params.max_tokens:
-                limit = 1 if stream else min(self.decode_chunk_size, params.max_tokens - produced)
-                state, out, count = engine.decode_chunk(
-                    m.params, state, sampling, eos, jnp.int32(limit), self.adapters, cfg=m.cfg,
-                    chunk=self.decode_chunk_size, kernel=self._kernel_options(),
-                )
-                new = np.asarray(out[0, : int(count)])
-                for t in new:
-                    if int(t) in m.eos_ids:
-                        return
-                    yield int(t)
-                produced += len(new)
-                if len(new) == 0:
-                    return
+        _, cache_len = engine.buckets(len(ids), params.max_tokens, self.max_context())
+        kv = m.model_config.kv_cache_config  # two-tier: its shape is the config's, not a bucket's
+        config = engine.EngineConfig(
+            max_slots=1, layout="contiguous", max_len=cache_len if kv is None else len(ids) + params.max_tokens,
+            chunk=self.decode_chunk_size, kernel=self._kernel_options(), kv_cache_config=kv)
+        server = self._serving_engine(config)
+        server.add_request(ids, params)
+        while server.has_unfinished():
+            outputs = server.step(limit=1 if stream else None)
+            self._last_cache_bytes = server.cache_bytes
+            for o in outputs:
+                yield from o.tokens
 
+    # -- batches, engines and sessions -----------------------------------------------------------
+    @property
+    def engine_config(self) -> engine.EngineConfig:
+        """The paged engine `generate_batch`, `serving_engine` and sessions run on (max_len defaults
+        to `max_context()`, kernel and chunk to this backend's)."""
+        if self._engine_config is not None:
+            return self._engine_config
+        return engine.EngineConfig(max_len=self.max_context(), chunk=self.decode_chunk_size,
+                                   kernel=self._kernel_options())
+
+    @engine_config.setter
+    def engine_config(self, config: Optional[engine.EngineConfig]) -> None:
+        if config is not None and (not isinstance(config, engine.EngineConfig) or config.layout != "paged"):
+            raise ConfigError(f"engine_config must be None or an EngineConfig with layout='paged', got {config!r}")
+        self._engine_config = config
+        self._sessions_engine = None
+
+    def serving_engine(self, config: Optional[engine.EngineConfig] = None) -> ServingEngine:
+        """A new continuous-batching engine over the loaded model (token ids in, tokens out):
+        `add_request(ids, params)`, `step()`, `run()`; see `backend.serving`."""
+        self._require()
+        config = self.engine_config if config is None else config
+        if not isinstance(config, engine.EngineConfig):
+            raise ConfigError(f"config must be an EngineConfig, got {type(config).__name__} {config!r}")
+        if self._require().model_config.kv_cache_config is not None:
+            raise ConfigError("batched generation runs on the paged cache; this model was loaded with the "
+                              "two-tier kv_cache_config")
+        return self._serving_engine(config)
+
+    def generate_batch(self, prompts: Sequence[str], params=None) -> list[str]:
+        """Generate for every prompt at once (continuous batching on the paged cache) -> texts in order.
+
+        `params` is one GenerateParams for all, or a sequence of one per prompt. Each text is what
+        `generate` would give that prompt alone (greedy: the same tokens).
+        """
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not all(isinstance(p, str)
+                                                                                    for p in prompts):
+            raise ConfigError(f"prompts must be a sequence of strs, got {prompts!r}")
+        per = self._batch_params(params, len(prompts))
+        if not prompts:
+            return []
+        config = self.engine_config
+        config = dataclasses.replace(config, max_slots=min(config.max_slots, engine._next_pow2(len(prompts), 1)))
+        server = self.serving_engine(config)
+        ids = [self._encode(p) for p in prompts]
+        for i, p in zip(ids, per, strict=True):
+            self._check_request(i, p)
+        texts = [[] for _ in prompts]
+        streams = [_TextAssembler(self._require().tokenizer, self.config.vocab_size, p.stop_sequences) for p in per]
+        rids = {server.add_request(i, p): n for n, (i, p) in enumerate(zip(ids, per, strict=True))}
+        done = set()
+        while server.has_unfinished():
+            for o in server.step():
+                n = rids[o.request_id]
+                if n in done:
+                    continue
+                for t in o.tokens:
+                    piece, stopped = streams[n].push(t)
+                    texts[n].append(piece)
+                    if stopped:
+                        done.add(n)
+                        server.cancel(o.request_id) if not o.finished else None
+                        break
+                if o.finished and n not in done:
+                    texts[n].append(streams[n].finish())
+                    done.add(n)
+        return ["".join(t) for t in texts]
+
+    def _batch_params(self, params, n: int) -> list[GenerateParams]:
+        if params is None or isinstance(params, GenerateParams):
+            return [_check_params(params)] * n
+        if isinstance(params, (str, bytes)) or not isinstance(params, Sequence) or len(params) != n:
+            raise ConfigError(f"params must be one GenerateParams or a sequence of {n} (one per prompt), "
+                              f"got {params!r}")
+        return [_check_params(p) for p in params]
+
+    def session(self) -> "Session":
+        """A conversation that keeps its KV cache across turns: each `generate` prefills only the
+        new prompt. Sessions share the backend's paged engine (`engine_config`)."""
+        if self._sessions_engine is None:
+            self._sessions_engine = self.serving_engine()
+        return Session(self, self._sessions_engine)
 
 def _check_params(params) -> GenerateParams:
     """None (the defaults) or a GenerateParams; a dict or anything else is a ConfigError."""
@@ -404,3 +466,124 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
                 best = n
                 break
     return best
+
+
+class _TextAssembler:
+    """One request's text: incremental UTF-8 decoding, stop strings held back until they cannot
+    start one, and the text cut before the first stop string."""
+
+    def __init__(self, tokenizer, vocab_size: int, stops: Sequence[str]):
+        self._decoder = IncrementalDecoder(tokenizer, vocab_size)
+        self._stops = tuple(stops)
+        self._longest = max((len(s) for s in self._stops), default=0)
+        self._text, self._emitted = "", 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """-> (text safe to hand out now, whether a stop string ended the output)."""
+        self._text += self._decoder.push(token)
+        if self._stops:
+            hit = _find_stop(self._text, self._stops, max(0, self._emitted - self._longest))
+            if hit is not None:
+                piece = self._text[self._emitted:hit] if hit > self._emitted else ""
+                self._emitted = len(self._text)
+                return piece, True
+            safe = len(self._text) - _held_back(self._text, self._stops)
+        else:
+            safe = len(self._text)
+        if safe > self._emitted:
+            piece, self._emitted = self._text[self._emitted:safe], safe
+            return piece, False
+        return "", False
+
+    def finish(self) -> str:
+        """The rest once the tokens ended (flushed bytes, cut at a stop string)."""
+        text = self._text + self._decoder.flush()
+        if self._stops:
+            hit = _find_stop(text, self._stops, max(0, self._emitted - self._longest))
+            text = text if hit is None else text[:hit]
+        piece = text[self._emitted:] if len(text) > self._emitted else ""
+        self._emitted = len(text)
+        return piece
+
+
+class Session:
+    """A conversation on a backend's paged engine whose KV blocks persist across turns.
+
+    `generate(prompt)` encodes the prompt (special tokens only on the first turn), prefills only
+    it (plus the last reply token, which was sampled but never fed), and generates; the result is
+    what `generate_tokens(history + prompt)` would give in one go. `close()` frees the blocks; a
+    closed session raises `SessionError`.
+    """
+
+    def __init__(self, backend: JaxBackend, server: ServingEngine):
+        self._backend, self._server = backend, server
+        self._id = server.open_session()
+        self._turns = 0
+
+    @property
+    def history(self) -> list[int]:
+        """Every token of the conversation (prompts and replies, EOS excluded)."""
+        return self._server.history(self._live())
+
+    @property
+    def prefilled_tokens(self) -> int:
+        """Tokens the engine has run through prefill (all sessions and requests on it)."""
+        return self._server.prefilled_tokens
+
+    def _live(self) -> int:
+        if self._id is None:
+            raise SessionError("the session is closed")
+        if self._backend._sessions_engine is not self._server:
+            raise SessionError("the session's model was unloaded or replaced")
+        return self._id
+
+    def generate_tokens(self, prompt_ids: Sequence[int], params: Optional[GenerateParams] = None) -> list[int]:
+        """The next turn in token ids -> the reply's tokens (EOS excluded), stop strings ignored."""
+        sid = self._live()
+        params = _check_params(params)
+        rid = self._server.add_request(prompt_ids, params, session=sid)
+        out: list[int] = []
+        while True:
+            for o in self._server.step():
+                if o.request_id == rid:
+                    out.extend(o.tokens)
+                    if o.finished:
+                        self._turns += 1
+                        return out
+
+    def generate(self, prompt: str, params: Optional[GenerateParams] = None) -> str:
+        """The next turn in text -> the reply, cut before a stop string."""
+        sid = self._live()
+        params = _check_params(params)
+        m = self._backend._require()
+        if m.tokenizer is None:
+            raise TokenizationError(f"model {m.name!r} has no tokenizer.json; use generate_tokens()")
+        ids = m.tokenizer.encode(prompt, add_special_tokens=not self._server.history(sid))
+        rid = self._server.add_request(ids, params, session=sid)
+        pieces: list[str] = []
+        text = _TextAssembler(m.tokenizer, m.cfg.vocab_size, params.stop_sequences)
+        while True:
+            for o in self._server.step():
+                if o.request_id != rid:
+                    continue
+                for t in o.tokens:
+                    piece, stopped = text.push(t)
+                    pieces.append(piece)
+                    if stopped:
+                        if not o.finished:
+                            self._server.cancel(rid)
+                        return "".join(pieces)
+                if o.finished:
+                    return "".join(pieces) + text.finish()
+
+    def close(self) -> None:
+        if self._id is not None:
+            if self._backend._sessions_engine is self._server:
+                self._server.close_session(self._id)
+            self._id = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

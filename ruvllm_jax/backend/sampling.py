@@ -6,16 +6,23 @@ the same distribution as under HF. Every parameter is a traced scalar (`Sampling
 pytree), so one compiled decode step serves any temperature/top-k/top-p/penalty without
 recompiling, and everything runs inside `jax.jit` and `lax.while_loop`.
 
+For continuous batching, each field may instead be a per-row `[B]` array (`SamplingParams.stack`,
+`with_row`) and `sample` may take a `[B]` array of keys: every row then gets exactly (bit for bit)
+the token it would get sampled alone with its own parameters and key.
+
 Cost matters: this runs every decode step over vocabularies of ~150k on CPU. A full sort is paid
 only when top-p is active and its nucleus is wider than a static cap of tokens; top-k and
 top-p otherwise use `lax.top_k` (partial selection) with that cap; neither-filter and
-greedy decoding skip the filtering entirely (`lax.cond` executes only the branch taken).
+greedy decoding skip the filtering entirely (`lax.cond` executes only the branch taken). With
+per-row parameters the branches are taken on batch-wide predicates (does any row need this path?)
+and each row then picks its own result with a `where`, so a path is paid only when some row needs
+it; there is no `vmap` over a `cond`, which would run every branch.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,15 +40,25 @@ _TOP_K_CAP = 1024
 _NEG_INF = -jnp.inf
 _INT32_MAX = 2**31 - 1
 
+_FIELD_DTYPES = {
+    "temperature": jnp.float32,
+    "top_k": jnp.int32,
+    "top_p": jnp.float32,
+    "repetition_penalty": jnp.float32,
+}
+
 
 @struct.dataclass
 class SamplingParams:
-    """Sampling parameters as traced scalars, so changing them never recompiles."""
+    """Sampling parameters as traced arrays, so changing them never recompiles.
 
-    temperature: jax.Array  # f32 [] ; 0 = greedy
-    top_k: jax.Array  # i32 [] ; 0 = disabled
-    top_p: jax.Array  # f32 [] ; 1.0 = disabled
-    repetition_penalty: jax.Array  # f32 [] ; 1.0 = disabled
+    Each field is a scalar `[]` (one setting for the whole batch) or a `[B]` array (one per row).
+    """
+
+    temperature: jax.Array  # f32 [] or [B] ; 0 = greedy
+    top_k: jax.Array  # i32 [] or [B] ; 0 = disabled
+    top_p: jax.Array  # f32 [] or [B] ; 1.0 = disabled
+    repetition_penalty: jax.Array  # f32 [] or [B] ; 1.0 = disabled
 
     @classmethod
     def create(
@@ -77,64 +94,182 @@ class SamplingParams:
             raise ConfigError(f"top_k={p.top_k} does not fit int32 (max {_INT32_MAX}); no vocabulary is that large")
         return cls.create(p.temperature, p.top_k, p.top_p, p.repetition_penalty)
 
+    def _fields(self) -> dict[str, jax.Array]:
+        return {name: jnp.asarray(getattr(self, name), dt) for name, dt in _FIELD_DTYPES.items()}
+
+    @classmethod
+    def stack(cls, rows: Sequence["SamplingParams"]) -> "SamplingParams":
+        """Per-row parameters `[B]` from B scalar ones (row b of the result is `rows[b]`)."""
+        rows = list(rows)
+        if not rows:
+            raise ValueError("SamplingParams.stack needs at least one row")
+        fields = [r._fields() for r in rows]
+        for i, f in enumerate(fields):
+            bad = {n: a.shape for n, a in f.items() if a.ndim != 0}
+            if bad:
+                raise ValueError(f"SamplingParams.stack takes scalar rows; row {i} has non-scalar fields {bad}")
+        return cls(**{n: jnp.stack([f[n] for f in fields]) for n in _FIELD_DTYPES})
+
+    def broadcast(self, b: int) -> "SamplingParams":
+        """Every field as `[b]`: scalars repeated, `[b]` fields unchanged (other shapes are an error)."""
+        out = {}
+        for n, a in self._fields().items():
+            if a.shape not in ((), (b,)):
+                raise ValueError(f"cannot broadcast SamplingParams.{n} of shape {a.shape} to ({b},)")
+            out[n] = jnp.broadcast_to(a, (b,))
+        return type(self)(**out)
+
+    def with_row(self, i, row: "SamplingParams") -> "SamplingParams":
+        """A copy with row `i` (may be traced) set to the scalar parameters `row`; fields must be `[B]`."""
+        out = {}
+        for n, a in self._fields().items():
+            r = jnp.asarray(getattr(row, n), _FIELD_DTYPES[n])
+            if a.ndim != 1 or r.ndim != 0:
+                raise ValueError(
+                    f"with_row needs [B] fields and a scalar row; got {n} of shape {a.shape} and row {r.shape} "
+                    "(use broadcast(b) or stack(rows) first)"
+                )
+            out[n] = a.at[i].set(r)
+        return type(self)(**out)
+
+    def row(self, i) -> "SamplingParams":
+        """The scalar parameters of row `i` (may be traced); scalar fields are returned as they are."""
+        return type(self)(**{n: a if a.ndim == 0 else a[i] for n, a in self._fields().items()})
+
+    @property
+    def per_row(self) -> bool:
+        """Whether any field is per-row (`[B]`)."""
+        return any(jnp.ndim(getattr(self, n)) > 0 for n in _FIELD_DTYPES)
+
+
+# --- per-row plumbing ---------------------------------------------------------------------------
+# Internally a parameter is either a scalar [] (one value for the batch, today's code path) or a
+# column [B, 1] that broadcasts against [B, V] logits. Branches are chosen by `_per_row`.
+
+
+def _col(p, b: int, dtype) -> jax.Array:
+    """A parameter as a scalar [] or a column [B, 1]."""
+    p = jnp.asarray(p, dtype)
+    if p.ndim == 0 or p.shape == (b, 1):
+        return p
+    if p.shape == (b,):
+        return p[:, None]
+    raise ValueError(f"a sampling parameter must be a scalar or have shape ({b},), got {p.shape}")
+
+
+def _param_cols(params: SamplingParams, b: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(temperature, top_k, top_p, penalty): all scalars, or all [B, 1] when any field is per-row."""
+    f = (params.broadcast(b) if params.per_row else params)._fields()
+    cols = [_col(f[n], b, dt) for n, dt in _FIELD_DTYPES.items()]
+    return cols[0], cols[1], cols[2], cols[3]
+
+
+def _per_row(pred, on_true: Callable, on_false: Callable, x, care=True, out=None):
+    """Per row, `on_true(x)` where `pred` else `on_false(x)`.
+
+    A scalar `pred` is a plain `lax.cond`. A per-row `pred` ([B, 1] or [B], broadcasting against
+    the outputs) runs each side only if some row that matters (`care`) needs it, then selects per
+    row; rows outside `care` get either side. Each side computes every row the same way it would
+    alone, so a row's result does not depend on the others. `out` is the result's shape and dtype
+    when it is not that of `x` (a skipped side then yields zeros).
+    """
+    if jnp.ndim(pred) == 0:
+        return lax.cond(pred, on_true, on_false, x)
+    skip = (lambda y: y) if out is None else (lambda y: jnp.zeros(out.shape, out.dtype))
+    t = lax.cond(jnp.any(pred & care), on_true, skip, x)
+    f = lax.cond(jnp.any(~pred & care), on_false, skip, x)
+    return jnp.where(pred, t, f)
+
+
+def _take(vals: jax.Array, idx: jax.Array) -> jax.Array:
+    """[B, 1] vals[b, idx[b]] for a scalar or [B, 1] index (already in range)."""
+    idx = jnp.broadcast_to(jnp.asarray(idx, jnp.int32), (vals.shape[0], 1))
+    return jnp.take_along_axis(vals, idx, axis=-1, mode="clip")
+
+
+# --- processors ---------------------------------------------------------------------------------
+
 
 def apply_repetition_penalty(logits: jax.Array, presence: jax.Array, penalty: jax.Array) -> jax.Array:
     """CTRL rule on tokens already seen: negative logits times penalty, others divided by it.
 
     `presence` [B, V] marks prompt and generated tokens; a `where` over it costs one pass and has no
-    scatter, and penalty 1.0 leaves logits bit-identical.
+    scatter, and penalty 1.0 leaves logits bit-identical. `penalty` is a scalar or per-row [B].
     """
-    penalty = jnp.asarray(penalty, logits.dtype)
-    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    penalty = _col(penalty, logits.shape[0], logits.dtype)
+    # The divisor is a full [B, V] select, not a broadcast: XLA rewrites `x / broadcast(p)` into
+    # `x * (1 / p)` in some contexts but not others, which would make a row's bits depend on the
+    # shape of `penalty`; a division by this select is always an exact division.
+    divisor = jnp.where(presence, penalty, jnp.ones_like(penalty))
+    penalized = jnp.where(logits < 0, logits * penalty, logits / divisor)
     return jnp.where(presence, penalized, logits)
 
 
 def apply_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
-    """Divide by temperature; temperature 0 (greedy) returns logits unchanged rather than inf/nan."""
-    temperature = jnp.asarray(temperature, logits.dtype)
-    return logits / jnp.where(temperature > 0, temperature, jnp.ones_like(temperature))
+    """Divide by temperature (scalar or [B]); temperature 0 (greedy) returns logits unchanged
+    rather than inf/nan.
+
+    Written as a multiply by 1 / temperature, which is what XLA compiles the division by a
+    broadcast scalar to anyway; spelled out, it is the same for scalar and per-row temperatures.
+    """
+    temperature = _col(temperature, logits.shape[0], logits.dtype)
+    return logits * (1.0 / jnp.where(temperature > 0, temperature, jnp.ones_like(temperature)))
 
 
 def _kth_largest_via_sort(logits: jax.Array, k: jax.Array) -> jax.Array:
     """[B, 1] k-th largest value by a full ascending sort (k in [1, V])."""
     v = logits.shape[-1]
     sorted_asc = jnp.sort(logits, axis=-1)
-    return lax.dynamic_slice_in_dim(sorted_asc, v - k, 1, axis=-1)
+    return _take(sorted_asc, v - k)
 
 
-def _kth_largest(logits: jax.Array, k: jax.Array) -> jax.Array:
+def _kth_largest(logits: jax.Array, k: jax.Array, care=True) -> jax.Array:
     """[B, 1] k-th largest value (k in [1, V]): `lax.top_k` up to the static cap, else a sort."""
     v = logits.shape[-1]
     cap = min(_TOP_K_CAP, v)
 
     def partial(x):
         vals, _ = lax.top_k(x, cap)  # descending
-        return lax.dynamic_slice_in_dim(vals, k - 1, 1, axis=-1)
+        return _take(vals, jnp.minimum(k, cap) - 1)
 
     if cap == v:
         return partial(logits)
-    return lax.cond(k <= cap, partial, lambda x: _kth_largest_via_sort(x, k), logits)
+    kth_shape = jax.ShapeDtypeStruct((logits.shape[0], 1), logits.dtype)
+    return _per_row(k <= cap, partial, lambda x: _kth_largest_via_sort(x, k), logits, care, out=kth_shape)
+
+
+def _top_k(logits: jax.Array, top_k: jax.Array) -> jax.Array:
+    """`apply_top_k` with top_k a scalar or a [B, 1] column."""
+    v = logits.shape[-1]
+    active = (top_k > 0) & (top_k < v)
+
+    def filt(x):
+        kth = _kth_largest(x, jnp.clip(top_k, 1, v), active)
+        kth = jnp.where(active, kth, _NEG_INF)  # rows without top-k keep everything
+        return jnp.where(x < kth, _NEG_INF, x).astype(x.dtype)
+
+    return lax.cond(jnp.any(active), filt, lambda x: x, logits)
 
 
 def apply_top_k(logits: jax.Array, top_k: jax.Array) -> jax.Array:
     """Mask to -inf everything below the k-th largest logit, keeping ties with it (as HF does).
 
-    top_k 0 or >= V returns logits unchanged without doing any selection.
+    top_k (scalar or [B]) 0 or >= V leaves a row unchanged; with no such row active, no selection
+    is done at all.
     """
-    v = logits.shape[-1]
-    top_k = jnp.asarray(top_k, jnp.int32)
-    active = (top_k > 0) & (top_k < v)
+    return _top_k(logits, _col(top_k, logits.shape[0], jnp.int32))
 
-    def filt(x):
-        kth = _kth_largest(x, jnp.clip(top_k, 1, v))
-        return jnp.where(x < kth, _NEG_INF, x).astype(x.dtype)
 
-    return lax.cond(active, filt, lambda x: x, logits)
+def _softmax(x: jax.Array) -> jax.Array:
+    """Softmax over the last axis as `jax.nn.softmax` computes it after XLA's rewrite of its
+    division (a multiply by 1 / sum), spelled out so no compilation context can change its bits."""
+    e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+    return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
 
 
 def _top_p_sorted(sorted_asc: jax.Array, top_p: jax.Array) -> jax.Array:
     """Removal mask in ascending-sorted order, exactly as HF's TopPLogitsWarper computes it."""
-    cum = jnp.cumsum(jax.nn.softmax(sorted_asc.astype(jnp.float32), axis=-1), axis=-1)
+    cum = jnp.cumsum(_softmax(sorted_asc.astype(jnp.float32)), axis=-1)
     remove = cum <= (1.0 - top_p)
     return remove.at[..., -1].set(False)  # keep at least one token
 
@@ -160,7 +295,7 @@ def _top_k_top_p_by_sort(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) 
     v = logits.shape[-1]
     sorted_asc, order = _sort_with_indices(logits)
     k_active = (top_k > 0) & (top_k < v)
-    kth = lax.dynamic_slice_in_dim(sorted_asc, v - jnp.clip(top_k, 1, v), 1, axis=-1)
+    kth = _take(sorted_asc, v - jnp.clip(top_k, 1, v))
     kth = jnp.where(k_active, kth, _NEG_INF)
     sorted_asc = jnp.where(sorted_asc < kth, _NEG_INF, sorted_asc)
     remove = _unsort(_top_p_sorted(sorted_asc, top_p), order)
@@ -173,14 +308,14 @@ def _top_k_top_p_partial(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, 
     HF removes a token when the ascending cumulative probability up to it is <= 1 - top_p, i.e. when
     the probability mass strictly above it is >= top_p; so the kept set is a prefix of the
     descending order, and if the top `cap` tokens already hold mass >= top_p it lies inside them.
-    Returns (filtered logits, valid): valid is False where the nucleus (or k) exceeds the cap, and
-    the caller then takes the sort path. Differs from the sort only by rounding at the boundary and
-    in keeping every token tied with the last kept value (HF keeps them by sort position).
+    Returns (filtered logits, valid [B, 1]): valid is False in rows whose nucleus (or k) exceeds the
+    cap, which the caller then sends to a wider path. Differs from the sort only by rounding at the
+    boundary and in keeping every token tied with the last kept value (HF keeps them by sort position).
     """
     v = logits.shape[-1]
     vals, _ = lax.top_k(logits, cap)  # [B, cap] descending
     k_active = (top_k > 0) & (top_k < v)
-    kth = lax.dynamic_slice_in_dim(vals, jnp.clip(top_k, 1, cap) - 1, 1, axis=-1)
+    kth = _take(vals, jnp.clip(top_k, 1, cap) - 1)
     kth = jnp.where(k_active, kth, _NEG_INF)
     kept_k = jnp.where(logits < kth, _NEG_INF, logits)  # top-k output, ties included
     lse = jax.nn.logsumexp(kept_k.astype(jnp.float32), axis=-1, keepdims=True)
@@ -191,7 +326,7 @@ def _top_k_top_p_partial(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, 
     n_keep = jnp.sum(keep, axis=-1, keepdims=True)
     threshold = jnp.take_along_axis(vals, n_keep - 1, axis=-1)
     out = jnp.where(logits < jnp.maximum(threshold, kth), _NEG_INF, logits).astype(logits.dtype)
-    valid = jnp.all(cum[..., -1] >= top_p) & ~(k_active & (top_k > cap))
+    valid = (cum[..., -1:] >= top_p) & ~(k_active & (top_k > cap))
     return out, valid
 
 
@@ -204,8 +339,8 @@ def _top_p_by_bisection(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     31 whole-row masked sums instead of a sort of the vocabulary. Ties with the smallest kept
     probability are all kept, as in the partial path.
     """
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    threshold = 1.0 - top_p  # a scalar, as everywhere in this module
+    probs = _softmax(logits.astype(jnp.float32))
+    threshold = 1.0 - top_p  # a scalar or a [B, 1] column, as everywhere in this module
     hi = lax.bitcast_convert_type(jnp.max(probs, axis=-1, keepdims=True), jnp.int32)  # S(max) = 1 > 1 - top_p
     lo = jnp.zeros_like(hi) - 1  # invariant: S(lo) <= 1 - top_p < S(hi)
 
@@ -222,32 +357,45 @@ def _top_p_by_bisection(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where(probs < smallest_kept, _NEG_INF, logits).astype(logits.dtype)
 
 
-def _top_k_then_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Top-k then top-p (top_p < 1): the partial path when the nucleus fits the cap; otherwise
-    bisection on the top-k output, or one full sort when k itself exceeds the cap."""
+def _top_k_then_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, rows=True) -> jax.Array:
+    """Top-k then top-p (top_p < 1 in the rows that matter, `rows`): the partial path when the
+    nucleus fits the cap; otherwise bisection on the top-k output, or one full sort when k itself
+    exceeds the cap.
+
+    With scalar parameters the batch takes one path (the partial one only if it is valid for every
+    row, as it always has); with per-row parameters each row takes the path it would take alone.
+    """
     v = logits.shape[-1]
     cap = min(_TOP_K_CAP, v)
     if cap == v:
         return _top_k_top_p_by_sort(logits, top_k, top_p)
     out, valid = _top_k_top_p_partial(logits, top_k, top_p, cap)
+    scalar = jnp.ndim(top_k) == 0 and jnp.ndim(top_p) == 0
+    if scalar:
+        valid = jnp.all(valid)
     k_beyond_cap = (top_k > cap) & (top_k < v)
 
     def wide(x):
-        return lax.cond(k_beyond_cap, lambda y: _top_k_top_p_by_sort(y, top_k, top_p),
-                        lambda y: _top_p_by_bisection(apply_top_k(y, top_k), top_p), x)
+        need = ~valid & rows
+        bisect_k = top_k if scalar else jnp.where(need & ~k_beyond_cap, top_k, 0)  # top-k only where used
+        return _per_row(k_beyond_cap, lambda y: _top_k_top_p_by_sort(y, top_k, top_p),
+                        lambda y: _top_p_by_bisection(_top_k(y, bisect_k), top_p), x, need)
 
-    return lax.cond(valid, lambda x: out, wide, logits)
+    if scalar:
+        return lax.cond(valid, lambda x: out, wide, logits)
+    return jnp.where(valid, out, lax.cond(jnp.any(~valid & rows), wide, lambda x: x, logits))
 
 
 def apply_top_p(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     """Nucleus filtering as HF's TopPLogitsWarper: sort ascending, cumulative softmax, drop tokens
     whose cumulative probability is <= 1 - top_p, always keep the most likely one.
 
-    top_p >= 1 returns logits unchanged and skips the sort.
+    top_p (scalar or [B]) >= 1 leaves a row unchanged; with no row below 1, the sort is skipped.
     """
-    top_p = jnp.asarray(top_p, jnp.float32)
-    no_k = jnp.zeros((), jnp.int32)
-    return lax.cond(top_p < 1.0, lambda x: _top_k_then_top_p(x, no_k, top_p), lambda x: x, logits)
+    top_p = _col(top_p, logits.shape[0], jnp.float32)
+    no_k = jnp.zeros(jnp.shape(top_p), jnp.int32)
+    active = top_p < 1.0
+    return _per_row(active, lambda x: _top_k_then_top_p(x, no_k, top_p, active), lambda x: x, logits)
 
 
 def _filter(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -255,40 +403,66 @@ def _filter(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     v = logits.shape[-1]
     k_active = (top_k > 0) & (top_k < v)
     p_active = top_p < 1.0
-    branch = jnp.where(p_active, 2, jnp.where(k_active, 1, 0))
-    return lax.switch(
-        branch,
-        [
-            lambda x: x,
-            lambda x: apply_top_k(x, top_k),
-            lambda x: _top_k_then_top_p(x, top_k, top_p),
-        ],
-        logits,
-    )
+    k_only = jnp.where(k_active & ~p_active, top_k, 0)  # rows with top-p take top-k in the other branch
+    return _per_row(p_active, lambda x: _top_k_then_top_p(x, top_k, top_p, p_active),
+                    lambda x: _top_k(x, k_only), logits)
 
 
 def process_logits(logits: jax.Array, presence: jax.Array, params: SamplingParams) -> jax.Array:
-    """The whole HF chain: repetition penalty -> temperature -> top-k -> top-p, in f32."""
+    """The whole HF chain: repetition penalty -> temperature -> top-k -> top-p, in f32, with each
+    row's own parameters when they are per-row."""
+    temperature, top_k, top_p, penalty = _param_cols(params, logits.shape[0])
     logits = logits.astype(jnp.float32)
-    logits = apply_repetition_penalty(logits, presence, params.repetition_penalty)
-    logits = apply_temperature(logits, params.temperature)
-    return _filter(logits, jnp.asarray(params.top_k, jnp.int32), jnp.asarray(params.top_p, jnp.float32))
+    logits = apply_repetition_penalty(logits, presence, penalty)
+    logits = apply_temperature(logits, temperature)
+    return _filter(logits, top_k, top_p)
+
+
+def _keys_per_row(rng: jax.Array) -> bool:
+    """Whether `rng` is a [B] array of keys (typed keys [B], raw uint32 keys [B, 2]) or one key."""
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return rng.ndim == 1
+    return rng.ndim == 2
 
 
 def sample(rng: jax.Array, logits: jax.Array, presence: jax.Array, params: SamplingParams) -> jax.Array:
     """Draw one token per row [B] int32. Temperature 0 is greedy: argmax of the penalized logits,
-    with temperature/top-k/top-p skipped since they cannot change the argmax."""
-    logits = apply_repetition_penalty(logits.astype(jnp.float32), presence, params.repetition_penalty)
+    with temperature/top-k/top-p skipped since they cannot change the argmax.
+
+    `rng` is one key for the batch, or a [B] array of keys (typed keys [B] or raw uint32 [B, 2]).
+    With per-row keys every row is independent: row b's token is bit-identical to
+    `sample(rng[b], logits[b:b+1], presence[b:b+1], params.row(b))[0]`, whatever the other rows
+    hold. With one key, the draw is one `categorical` over the batch (as before), and scalar
+    params take one path for the whole batch.
+    """
+    b = logits.shape[0]
+    rng = jnp.asarray(rng)
+    per_row_keys = _keys_per_row(rng)
+    if per_row_keys:
+        if rng.shape[0] != b:
+            raise ValueError(f"sample got {rng.shape[0]} keys for {b} rows; pass one key or one per row")
+        params = params.broadcast(b)  # independent rows: each takes the path it would take alone
+    temperature, top_k, top_p, penalty = _param_cols(params, b)
+    logits = apply_repetition_penalty(logits.astype(jnp.float32), presence, penalty)
+    stochastic_rows = temperature > 0
 
     def greedy(x):
         return jnp.argmax(x, axis=-1).astype(jnp.int32)
 
-    def stochastic(x):
-        x = apply_temperature(x, params.temperature)
-        x = _filter(x, jnp.asarray(params.top_k, jnp.int32), jnp.asarray(params.top_p, jnp.float32))
-        return jax.random.categorical(rng, x, axis=-1).astype(jnp.int32)
+    def draw(x):
+        if per_row_keys:  # vmap over the draw only: no cond inside
+            return jax.vmap(lambda k, r: jax.random.categorical(k, r[None], axis=-1)[0])(rng, x)
+        return jax.random.categorical(rng, x, axis=-1)
 
-    return lax.cond(params.temperature > 0, stochastic, greedy, logits)
+    def stochastic(x):
+        x = apply_temperature(x, temperature)
+        # Greedy rows' filters are dropped, so they cannot pull the batch onto an expensive path.
+        k = jnp.where(stochastic_rows, top_k, 0)
+        p = jnp.where(stochastic_rows, top_p, 1.0)
+        return draw(_filter(x, k, p)).astype(jnp.int32)
+
+    pred = stochastic_rows if jnp.ndim(stochastic_rows) == 0 else stochastic_rows[:, 0]
+    return _per_row(pred, stochastic, greedy, logits, out=jax.ShapeDtypeStruct((b,), jnp.int32))
 
 
 def update_presence(presence: jax.Array, tokens: jax.Array) -> jax.Array:

@@ -324,3 +324,41 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, k_scal
     k = gather_pages(dequantize_pages(k_pages, k_scales, q.dtype), block_tables)
     v = gather_pages(dequantize_pages(v_pages, v_scales, q.dtype), block_tables)
     return decode_attention_reference(q, k, v, lengths, scale=scale, sliding_window=sliding_window)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window"))
+def paged_context_attention(q, k_pages, v_pages, block_tables, lengths, k_scales=None, v_scales=None, *,
+                            scale: float, sliding_window: Optional[int] = None):
+    """A chunk of S queries per sequence against the `lengths` [B] tokens already in the pool.
+
+    q [B, S, H, D] are the tokens at positions lengths + 0..S-1 (a session's next turn); every pool
+    token before them is visible, within the layer's `sliding_window` (HF's convention: the query
+    at p sees keys t > p - window). Returns (out [B, S, H, D], (max, sum) [B, S, H]) for an exact
+    log-sum-exp merge with the chunk's causal attention over itself. jnp on every backend: a chunk
+    is prefill-sized work, so the gather costs little next to its matmuls.
+    """
+    b, s, h, d = q.shape
+    nb = k_pages.shape[1]
+    tables = jnp.clip(block_tables, 0, nb - 1)
+    ct = jnp.promote_types(q.dtype, jnp.float32)
+    k = gather_pages(dequantize_pages(k_pages, k_scales, ct), tables).astype(ct)  # [B, KVH, T, D]
+    v = gather_pages(dequantize_pages(v_pages, v_scales, ct), tables).astype(ct)
+    kvh, t = k.shape[1], k.shape[2]
+    g = h // kvh
+    qg = q.reshape(b, s, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * s, d).astype(ct)
+    scores = (jnp.einsum("bkqd,bktd->bkqt", qg, k) * scale).reshape(b, kvh, g, s, t)
+    key = jnp.arange(t)[None, None, :]
+    lengths = lengths.astype(jnp.int32)[:, None, None]
+    mask = key < lengths  # [B, 1, T]
+    if sliding_window is not None:
+        mask = mask & (key > lengths + jnp.arange(s)[None, :, None] - sliding_window)  # [B, S, T]
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(scores - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    acc = jnp.einsum("bkqt,bktd->bkqd", p.reshape(b, kvh, g * s, t), v).reshape(b, kvh, g, s, d)
+    out = (acc / jnp.where(l == 0, 1.0, l)).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d).astype(q.dtype)
+    to_bsh = lambda x: x[..., 0].transpose(0, 3, 1, 2).reshape(b, s, h)  # noqa: E731
+    l, m = to_bsh(l), to_bsh(m)
+    return out, (jnp.where(l == 0, -jnp.inf, m), l)

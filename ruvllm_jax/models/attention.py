@@ -21,16 +21,31 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from ruvllm_jax.cache.base import KVPart, PagedKVPart, Part, QuantizedKVPart
 from ruvllm_jax.errors import KvCacheError
 from ruvllm_jax.kernels import KernelOptions, decode_attention, flash_attention, merge_attention, paged_attention
+from ruvllm_jax.kernels.paged import paged_context_attention
 
 
 def attend_prompt(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, sliding_window: Optional[int],
-                  kernel: KernelOptions) -> jax.Array:
-    """q [B, S, H, D] over its own k, v [B, S, KVH, D], causal -> [B, S, H, D]."""
-    return flash_attention(q, k, v, scale, True, sliding_window=sliding_window, kernel=kernel)
+                  kernel: KernelOptions, context: Optional[PagedKVPart] = None) -> jax.Array:
+    """q [B, S, H, D] over its own k, v [B, S, KVH, D], causal -> [B, S, H, D].
+
+    With `context` (the tokens a paged cache already holds before the chunk, `cache.context`), the
+    queries also see those, merged exactly by log-sum-exp: a session's next turn prefills only
+    its new tokens.
+    """
+    if context is None:
+        return flash_attention(q, k, v, scale, True, sliding_window=sliding_window, kernel=kernel)
+    out, lse = flash_attention(q, k, v, scale, True, sliding_window=sliding_window, kernel=kernel, return_lse=True)
+    lse = lse.transpose(0, 2, 1)  # [B, S, H]
+    ctx_out, ctx_res = paged_context_attention(
+        q, context.k_pages, context.v_pages, context.block_tables, context.lengths, context.k_scales,
+        context.v_scales, scale=scale, sliding_window=sliding_window)
+    merged, _ = merge_attention([out, ctx_out], [(lse, jnp.ones_like(lse)), ctx_res])
+    return merged.astype(q.dtype)
 
 
 def part_window(part: Part, sliding_window: Optional[int]) -> Optional[int]:

@@ -26,6 +26,7 @@ Attention goes through `ruvllm_jax.models.attention` over whatever the cache han
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Optional
 
 import chex
@@ -61,10 +62,24 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+ROW_REDUCE_MAX_ROWS = 16  # see `_linear`
+
+
 def _linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
-    # Contract with w's input axis directly: a `w.T` inside a while loop makes XLA:CPU copy the
-    # transposed weights every iteration.
-    y = jax.lax.dot_general(x, w.astype(jnp.float32), (((x.ndim - 1,), (1,)), ((), ())))
+    """x [..., in] @ w[out, in].T (+ b) in float32.
+
+    Contracts with w's input axis directly: a `w.T` inside a while loop makes XLA:CPU copy the
+    transposed weights every iteration. One row is a GEMV that streams the weights at memory
+    speed; but for 2..16 rows (a batched decode step) XLA:CPU's GEMM packs the whole weight matrix
+    on every call and ran at half the speed of a multiply-and-reduce over whole rows, which
+    streams it once for all of them (2.3x faster at 8 rows of the 0.5B shape's MLP).
+    """
+    w = w.astype(jnp.float32)
+    rows = math.prod(x.shape[:-1])
+    if 2 <= rows <= ROW_REDUCE_MAX_ROWS and jax.default_backend() == "cpu":
+        y = jnp.sum(w[None] * x.reshape(rows, 1, x.shape[-1]), axis=-1).reshape(*x.shape[:-1], w.shape[0])
+    else:
+        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
     return y if b is None else y + b.astype(jnp.float32)
 
 
@@ -150,10 +165,15 @@ def _block(lp: Params, cfg: LlamaConfig, x: jax.Array, cos: jax.Array, sin: jax.
     return _mlp(lp, cfg, x, la), cache
 
 
-def _prompt_attend(q, k, v, *, cache, layer: int, cfg: LlamaConfig, kernel: KernelOptions, lengths=None):
+def _prompt_attend(q, k, v, *, cache, layer: int, cfg: LlamaConfig, kernel: KernelOptions, lengths=None,
+                   start=None):
+    context = None if start is None else cache.context(layer, start)
     out = attention.attend_prompt(q, k, v, scale=cfg.attention_config().effective_scale(),
-                                  sliding_window=cfg.sliding_windows[layer], kernel=kernel)
-    return out, (None if cache is None else cache.write_prompt(layer, k, v, lengths))
+                                  sliding_window=cfg.sliding_windows[layer], kernel=kernel, context=context)
+    if cache is None:
+        return out, None
+    return out, (cache.write_prompt(layer, k, v, lengths) if start is None
+                 else cache.write_prompt(layer, k, v, lengths, start=start))
 
 
 def _token_attend(q, k, v, *, cache, layer: int, positions, cfg: LlamaConfig, kernel: KernelOptions):
@@ -183,11 +203,13 @@ def embed(params: Params, tokens: jax.Array) -> jax.Array:
     return params["embed"][tokens].astype(jnp.float32)
 
 
-def _prompt_layers(params, cfg, x, cache, adapters, kernel, start: int, stop: int, lengths=None):
+def _prompt_layers(params, cfg, x, cache, adapters, kernel, start: int, stop: int, lengths=None, offset=None):
     s = x.shape[1]
-    cos, sin = rope_tables(cfg, jnp.arange(s)[None, :])
+    positions = jnp.arange(s)[None, :] if offset is None else offset[:, None] + jnp.arange(s)[None, :]
+    cos, sin = rope_tables(cfg, positions)
     for i in range(start, stop):
-        attend = functools.partial(_prompt_attend, cache=cache, layer=i, cfg=cfg, kernel=kernel, lengths=lengths)
+        attend = functools.partial(_prompt_attend, cache=cache, layer=i, cfg=cfg, kernel=kernel, lengths=lengths,
+                                   start=offset)
         x, cache = _block(params["layers"][i], cfg, x, cos, sin, _layer_adapters(adapters, i), attend)
     return x, cache
 
@@ -223,19 +245,25 @@ def prefill(
     interpret: Optional[bool] = None,
     logit_positions: Optional[jax.Array] = None,
     lengths: Optional[jax.Array] = None,
+    start: Optional[jax.Array] = None,
 ):
     """Run a prompt. tokens [B, S] at positions 0..S-1 -> (logits, cache).
 
     Logits are [B, S, V], or [B, V] at `logit_positions` [B] when given (generation needs only the
     last real token, and the vocabulary projection is the largest matmul of the model). With no
     cache, keys and values are attended and dropped (training, scoring). `lengths` [B] are the
-    real (unpadded) prompt lengths the cache should hold (None: all S).
+    real (unpadded) prompt lengths the cache should hold (None: all S). `start` [B] continues
+    sequences the cache already holds `start` tokens of (a paged cache: `cache.context`): the
+    tokens sit at positions start + 0..S-1 and attend to the cached ones too.
     """
+    if start is not None and cache is None:
+        raise ConfigError("prefill(start=...) continues cached sequences and needs their cache")
     kernel = _kernel(kernel, impl, interpret)
     b, s = tokens.shape
     x = embed(params, tokens)
     chex.assert_shape(x, (b, s, cfg.hidden_size))
-    x, cache = _prompt_layers(params, cfg, x, cache, adapters, kernel, 0, cfg.num_layers, lengths)
+    x, cache = _prompt_layers(params, cfg, x, cache, adapters, kernel, 0, cfg.num_layers, lengths,
+                              None if start is None else jnp.asarray(start, jnp.int32))
     if logit_positions is not None:
         x = jnp.take_along_axis(x, logit_positions[:, None, None], axis=1)[:, 0]
     return _logits(params, cfg, x), cache
