@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from ruvllm_jax.backend.sampling import SamplingParams, presence_from_tokens, sample, update_presence
@@ -290,38 +291,41 @@ class EngineConfig:
         return max(self.blocks_per_seq, min(self.max_slots * self.blocks_per_seq, cap))
 
 
-def _set_row(x, slot, value):
-    return x.at[slot].set(jnp.asarray(value, x.dtype) if not isinstance(value, jax.Array) else value.astype(x.dtype))
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "config", "with_context"), donate_argnames=("state",))
-def prefill_slot(params, state: DecodeState, slot, tokens, length, start, presence, sampling: SamplingParams, rng,
-                  max_tokens, eos_ids, table, adapters, *, cfg: LlamaConfig, config: EngineConfig,
+def prefill_slots(params, state: DecodeState, slots, tokens, lengths, starts, presence, sampling: SamplingParams,
+                  rngs, max_tokens, eos_ids, tables, adapters, *, cfg: LlamaConfig, config: EngineConfig,
                   with_context: bool) -> DecodeState:
-    """Prefill one request into `slot` and sample its first token (see `Engine.prefill`)."""
+    """Prefill k requests into `slots` [k] at once and sample each first token (see `Engine.prefill`).
+
+    Rows whose slot is `max_slots` are padding (a bucket of k): their tables hold no block and
+    their state updates are dropped.
+    """
     cache = state.cache
     if config.layout == "paged":
-        view = cache.with_tables(table[None])
-        logits, view = llama.prefill(params, cfg, tokens[None], view, adapters=adapters, kernel=config.kernel,
-                                     logit_positions=(length - 1)[None], lengths=length[None],
-                                     start=start[None] if with_context else None)
+        view = cache.with_tables(tables)
+        logits, view = llama.prefill(params, cfg, tokens, view, adapters=adapters, kernel=config.kernel,
+                                     logit_positions=jnp.maximum(lengths - 1, 0), lengths=lengths,
+                                     start=starts if with_context else None)
         cache = view.with_tables(cache.block_tables)
     else:
-        logits, cache = llama.prefill(params, cfg, tokens[None], cache, adapters=adapters, kernel=config.kernel,
-                                      logit_positions=(length - 1)[None], lengths=length[None])
-    rng, key = jax.random.split(rng)
-    token = sample(key, logits, presence[None], sampling)[0]
-    done = _is_eos(token[None], eos_ids)[0] | (max_tokens <= 1)
-    rows = state.sampling
+        logits, cache = llama.prefill(params, cfg, tokens, cache, adapters=adapters, kernel=config.kernel,
+                                      logit_positions=lengths - 1, lengths=lengths)
+    rngs, keys = split_rng(rngs)
+    token = sample(keys, logits, presence, sampling)
+    done = _is_eos(token, eos_ids) | (max_tokens <= 1)
+
+    def put(x, value):
+        return x.at[slots].set(value.astype(x.dtype), mode="drop")
+
     return state.replace(
         cache=cache,
-        token=_set_row(state.token, slot, token),
-        position=_set_row(state.position, slot, start + length),
-        presence=state.presence.at[slot].set(update_presence(presence[None], token[None])[0]),
-        done=_set_row(state.done, slot, done),
-        rng=state.rng.at[slot].set(rng),
-        remaining=_set_row(state.remaining, slot, max_tokens - 1),
-        sampling=rows.with_row(slot, sampling),
+        token=put(state.token, token),
+        position=put(state.position, starts + lengths),
+        presence=put(state.presence, update_presence(presence, token)),
+        done=put(state.done, done),
+        rng=state.rng.at[slots].set(rngs, mode="drop"),
+        remaining=put(state.remaining, max_tokens - 1),
+        sampling=jax.tree_util.tree_map(put, state.sampling, sampling),
     )
 
 
@@ -365,32 +369,40 @@ class Engine:
         return PagedSpec(num_blocks=c.pool_blocks, block_size=c.block_size, num_kv_heads=self.cfg.num_kv_heads,
                          head_dim=self.cfg.head_dim, dtype=c.kv_dtype)
 
-    def init_decode_state(self) -> DecodeState:
-        """Every slot free: done, nothing to generate."""
+    def init_decode_state(self, device=None) -> DecodeState:
+        """Every slot free: done, nothing to generate (on `device`, default the first)."""
         c, s = self.config, self.config.max_slots
         if c.layout == "paged":
             cache = PagedKVCache.init(self.paged_spec, num_layers=self.cfg.num_layers, batch=1, width=1)
         else:
             cache = new_cache(self.cfg, 1, c.max_len, kv_cache_config=c.kv_cache_config)
         zeros = lambda: jnp.zeros((s,), jnp.int32)  # noqa: E731 (separate buffers: the state is donated)
-        return DecodeState(
+        state = DecodeState(
             cache=cache, token=zeros(), position=zeros(), presence=jnp.zeros((s, self.cfg.vocab_size), jnp.bool_),
             done=jnp.ones((s,), jnp.bool_), rng=jax.random.split(jax.random.key(0), s), remaining=zeros(),
             sampling=SamplingParams.create().broadcast(s),
         )
+        # Committed to the device like every state a step returns: an uncommitted first state
+        # would make the first prefill compile a second executable.
+        return jax.device_put(state, jax.devices()[0] if device is None else device)
 
-    def prefill(self, params, state: DecodeState, slot: int, tokens, length: int, *, sampling: SamplingParams,
-                rng, max_tokens: int, eos_ids, presence, start: int = 0, table=None, adapters=None) -> DecodeState:
-        """Run `length` real tokens of `tokens` [bucket] at positions start.. into `slot`.
-
-        `start` > 0 continues the slot's sequence after `start` tokens already in its blocks (a
-        session's next turn: only the new tokens run). `table` [W] are the slot's blocks (paged);
-        `presence` [V] bool the tokens the repetition penalty counts (the whole history).
+    def prefill(self, params, state: DecodeState, slots, tokens, lengths, *, sampling: SamplingParams, rngs,
+                max_tokens, eos_ids, presence, starts=None, tables=None, adapters=None) -> DecodeState:
+        """Run k prompts into `slots` [k] (JetStream's prefill + insert; the slot `max_slots` marks a
+        padding row): tokens [k, bucket] with `lengths` [k] real ones at positions starts + 0..
+        (starts [k], default 0: a start > 0 continues the slot's sequence after that many tokens
+        already in its blocks, a session's next turn, so only the new tokens run). `sampling` has
+        fields [k], `rngs` [k] keys, `max_tokens` [k], `presence` [k, V] the tokens the repetition
+        penalty counts (the whole history), `tables` [k, W] the blocks (paged).
         """
-        return prefill_slot(params, state, jnp.int32(slot), jnp.asarray(tokens, jnp.int32), jnp.int32(length),
-                             jnp.int32(start), jnp.asarray(presence, jnp.bool_), sampling, rng, jnp.int32(max_tokens),
-                             eos_ids, jnp.zeros((1,), jnp.int32) if table is None else jnp.asarray(table, jnp.int32),
-                             adapters, cfg=self.cfg, config=self.config, with_context=start > 0)
+        k = len(slots)
+        starts = np.zeros((k,), np.int32) if starts is None else np.asarray(starts, np.int32)
+        tables = np.zeros((k, 1), np.int32) if tables is None else tables
+        as_i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+        return prefill_slots(params, state, as_i32(slots), as_i32(tokens), as_i32(lengths), as_i32(starts),
+                             jnp.asarray(presence, jnp.bool_), sampling, rngs, as_i32(max_tokens), eos_ids,
+                             as_i32(tables), adapters, cfg=self.cfg, config=self.config,
+                             with_context=bool(np.any(starts > 0)))
 
     def generate(self, params, state: DecodeState, *, eos_ids, limit: int, tables=None, adapters=None):
         """Up to min(chunk, limit) steps of every slot -> (state, tokens [slots, chunk] (-1 none), count)."""

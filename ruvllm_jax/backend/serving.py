@@ -227,7 +227,11 @@ class ServingEngine:
         return out
 
     def _admit(self, outputs) -> None:
-        while self._waiting and None in self._slots:
+        """Move waiting requests into free slots, first come first served, while their blocks fit;
+        fresh prompts admitted together run as one batched prefill."""
+        group: list[_Request] = []
+        free = [i for i, r in enumerate(self._slots) if r is None]
+        while self._waiting and free:
             req = self._waiting[0]
             if req.params.max_tokens == 0:
                 self._waiting.popleft()
@@ -235,58 +239,76 @@ class ServingEngine:
                 outputs[req.id]
                 continue
             total = req.start + len(req.feed) + req.params.max_tokens
-            if self._paged:
-                if req.session is None and req.seq_id not in self.allocator:
-                    self.allocator.add(req.seq_id, 0)
-                if self.allocator.blocks_needed(req.seq_id, total) > self.allocator.num_free:
-                    if self.num_running == 0:  # nothing will give blocks back: it can never fit now
-                        self._waiting.popleft()
-                        self._finish(req, "cancelled")
-                        del self._requests[req.id]
-                        raise OutOfMemoryError(
-                            f"request {req.id} needs {self.allocator.blocks_for(total)} blocks ({total} tokens) "
-                            f"and only {self.allocator.num_free} are free with nothing running: open sessions "
-                            f"hold the rest (close some)")
-                    return  # wait for running requests to give blocks back
+            if self._paged and not self._reserve(req, total, waiting_ok=bool(group) or self.num_running > 0):
+                break  # wait for running requests to give blocks back
             self._waiting.popleft()
-            first = self._prefill(req, self._slots.index(None), total)
-            self._take(req, [first], outputs)
+            req.slot = free.pop(0)
+            self._slots[req.slot] = req
+            if req.start > 0:  # a continued sequence reads its context: prefilled on its own
+                self._prefill([req], outputs)
+            else:
+                group.append(req)
+        if group:
+            self._prefill(group, outputs)
 
-    def _prefill(self, req: _Request, slot: int, total: int) -> int:
-        """Reserve, prefill into `slot` -> the request's first token."""
+    def _reserve(self, req: _Request, total: int, waiting_ok: bool) -> bool:
+        """Reserve the request's blocks now (False: not enough free, it waits)."""
+        if req.session is None and req.seq_id not in self.allocator:
+            self.allocator.add(req.seq_id, 0)
+        if self.allocator.blocks_needed(req.seq_id, total) > self.allocator.num_free:
+            if waiting_ok:
+                return False
+            self._waiting.popleft()  # nothing will give blocks back: it can never fit now
+            self._finish(req, "cancelled")
+            del self._requests[req.id]
+            raise OutOfMemoryError(
+                f"request {req.id} needs {self.allocator.blocks_for(total)} blocks ({total} tokens) and only "
+                f"{self.allocator.num_free} are free with nothing running: open sessions hold the rest (close some)")
+        if self._state is None:
+            self._state = self.engine.init_decode_state(self._device)
+        self._state = self.engine.copy_blocks(self._state, self.allocator.reserve(req.seq_id, total))
+        self.allocator.set_length(req.seq_id, total)
+        return True
+
+    def _prefill(self, reqs: list[_Request], outputs) -> None:
+        """One prefill of `reqs` (already in their slots, blocks reserved); hand out first tokens."""
         eng, c = self.engine, self.engine.config
         if self._state is None:
-            self._state = eng.init_decode_state()
-        table = None
-        if self._paged:
-            copies = self.allocator.reserve(req.seq_id, total)
-            self._state = eng.copy_blocks(self._state, copies)
-            self.allocator.set_length(req.seq_id, total)
-            blocks = self.allocator.table(req.seq_id)
-            # A fresh prompt only scatters through its table: one width, one compile per prompt
-            # bucket. A continued one also reads its context through it: bucketed like decode.
-            width = self._width(len(blocks)) if req.start > 0 else c.blocks_per_seq
-            table = table_array([blocks], width, c.pool_blocks)[0]
-        n = len(req.feed)
-        bucket = _next_pow2(n, MIN_PROMPT_BUCKET)
+            self._state = eng.init_decode_state(self._device)
+        k = _next_pow2(len(reqs), 1)  # rows bucketed; padding rows target slot `max_slots` (dropped)
+        longest = max(len(r.feed) for r in reqs)
+        bucket = _next_pow2(longest, MIN_PROMPT_BUCKET)
         if not self._paged:
             bucket = min(bucket, c.max_len)
-        tokens = np.zeros((bucket,), np.int32)
-        tokens[:n] = req.feed
-        presence = np.zeros((eng.cfg.vocab_size,), np.bool_)
-        history = (req.session.history if req.session is not None else []) + req.prompt
-        presence[np.asarray(history, np.int64)] = True
-        self._state = eng.prefill(self.params, self._state, slot, tokens, n, sampling=req.sampling,
-                                  rng=make_rng(req.params.seed), max_tokens=req.params.max_tokens,
-                                  eos_ids=self._eos, presence=presence, start=req.start, table=table,
-                                  adapters=self._adapters())
-        self.prefilled_tokens += n
-        req.slot = slot
-        self._slots[slot] = req
-        if req.session is not None:
-            req.session.history = history
-            req.session.cached = req.start + n
-        return int(self._state.token[slot])
+        pad = k - len(reqs)
+        tokens = np.zeros((k, bucket), np.int32)
+        presence = np.zeros((k, eng.cfg.vocab_size), np.bool_)
+        for i, r in enumerate(reqs):
+            tokens[i, : len(r.feed)] = r.feed
+            history = (r.session.history if r.session is not None else []) + r.prompt
+            presence[i, np.asarray(history, np.int64)] = True
+            if r.session is not None:
+                r.session.history = history
+                r.session.cached = r.start + len(r.feed)
+        tables = None
+        if self._paged:
+            blocks = [self.allocator.table(r.seq_id) for r in reqs] + [[]] * pad
+            # A fresh prompt only scatters through its table: one width, one compile per prompt
+            # bucket. A continued one also reads its context through it: bucketed like decode.
+            continued = any(r.start > 0 for r in reqs)
+            width = self._width(max(len(b) for b in blocks)) if continued else c.blocks_per_seq
+            tables = table_array(blocks, width, c.pool_blocks)
+        col = lambda f, fill: np.asarray([f(r) for r in reqs] + [fill] * pad, np.int32)  # noqa: E731
+        rngs = jnp.stack([make_rng(r.params.seed) for r in reqs] + [jax.random.key(0)] * pad)
+        sampling = SamplingParams.stack([r.sampling for r in reqs] + [SamplingParams.create()] * pad)
+        self._state = eng.prefill(
+            self.params, self._state, col(lambda r: r.slot, c.max_slots), tokens, col(lambda r: len(r.feed), 0),
+            sampling=sampling, rngs=rngs, max_tokens=col(lambda r: r.params.max_tokens, 1), eos_ids=self._eos,
+            presence=presence, starts=col(lambda r: r.start, 0), tables=tables, adapters=self._adapters())
+        self.prefilled_tokens += sum(len(r.feed) for r in reqs)
+        first = np.asarray(self._state.token)
+        for r in reqs:
+            self._take(r, [int(first[r.slot])], outputs)
 
     def _width(self, blocks: int) -> int:
         """Table width for `blocks` blocks: a power of two >= MIN_TABLE_WIDTH, capped at a sequence's

@@ -219,7 +219,7 @@ def test_prompt_plus_max_tokens_beyond_context_fails_before_any_work(llama_dir):
     b = JaxBackend.new()
     b.load_model(folder, ModelConfig(max_context=64))
     params_before, stats_before = b.params, b.memory_stats()
-    compiled = engine.prefill_slot._cache_size()
+    compiled = engine.prefill_slots._cache_size()
     ids = [0] + list(range(5, 15))
     with pytest.raises(GenerationError, match=r"11 tokens \+ max_tokens=60 = 71 exceeds max_context=64"):
         b.generate_tokens(ids, GREEDY.replace(max_tokens=60))
@@ -229,7 +229,7 @@ def test_prompt_plus_max_tokens_beyond_context_fails_before_any_work(llama_dir):
     with pytest.raises(GenerationError, match="max_context=64"):
         b.generate_stream(PROMPT, GREEDY.replace(max_tokens=60), calls.append)
     assert calls == []  # nothing was streamed
-    assert engine.prefill_slot._cache_size() == compiled  # nothing was traced or compiled
+    assert engine.prefill_slots._cache_size() == compiled  # nothing was traced or compiled
     assert b.params is params_before and b.memory_stats() == stats_before
 
 
@@ -295,13 +295,13 @@ def test_use_flash_attention_false_selects_the_jnp_attention_path(llama_dir, mon
     """ModelConfig.use_flash_attention picks the kernels' dispatch; False forces impl="jnp"."""
     _, folder = llama_dir
     seen = []
-    real = engine.prefill_slot
+    real = engine.prefill_slots
 
     def spy(*args, **kwargs):
         seen.append(kwargs["config"].kernel.impl)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "prefill_slot", spy)
+    monkeypatch.setattr(engine, "prefill_slots", spy)
     for flag in (True, False):
         b = JaxBackend.new()
         b.load_model(folder, ModelConfig(use_flash_attention=flag))

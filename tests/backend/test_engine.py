@@ -55,14 +55,14 @@ def odd_backend(llama_dir, max_context: int) -> JaxBackend:
 def test_prompts_in_one_bucket_compile_once(llama_dir):
     backend = odd_backend(llama_dir, 60)
     greedy = GenerateParams(max_tokens=3, temperature=0.0)
-    size = engine.prefill_slot._cache_size()
+    size = engine.prefill_slots._cache_size()
     backend.generate_tokens([0] + list(range(5, 10)), greedy)  # 6 tokens -> bucket 16
-    assert engine.prefill_slot._cache_size() == size + 1
+    assert engine.prefill_slots._cache_size() == size + 1
     backend.generate_tokens([0] + list(range(5, 17)), greedy)  # 13 tokens -> same bucket
     backend.generate_tokens([0] + list(range(5, 17)), greedy.replace(temperature=0.8, top_k=5, seed=1))
-    assert engine.prefill_slot._cache_size() == size + 1
+    assert engine.prefill_slots._cache_size() == size + 1
     backend.generate_tokens([0] + list(range(5, 25)), greedy)  # 21 tokens -> bucket 32: one compile
-    assert engine.prefill_slot._cache_size() == size + 2
+    assert engine.prefill_slots._cache_size() == size + 2
 
 
 def test_streaming_decode_compiles_once(llama_dir):

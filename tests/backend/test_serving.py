@@ -265,3 +265,19 @@ def test_decode_loop_updates_the_pool_in_place(embedded):
     assert copies == []
     assert pool in hlo  # the pattern does name the pools
     np.testing.assert_array_equal(np.asarray(state.done), [True, True])
+
+
+def test_later_prefills_reuse_the_first_prefills_executable(embedded):
+    """The first state is committed to the device like the states steps return, so the second
+    prefill of the same shape (on a state a step returned) compiles nothing new."""
+    from ruvllm_jax.backend import engine
+
+    server = embedded.serving_engine()
+    tok = embedded.tokenizer()
+    server.add_request(tok.encode("ROMEO:"), GREEDY)
+    server.step(limit=1)  # prefill on the fresh state (compiles, unless an earlier test did)
+    compiled = engine.prefill_slots._cache_size()
+    server.add_request(tok.encode("All:"), GREEDY)
+    server.step(limit=1)  # the same prefill shape, on a state `generate` returned
+    assert engine.prefill_slots._cache_size() == compiled
+    server.run()

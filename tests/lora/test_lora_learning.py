@@ -165,7 +165,7 @@ def test_adapting_towards_a_response_makes_greedy_generation_write_it_without_re
     lora = MicroLoRA.for_model(cfg, seed=1, optimizer="adam")
     backend.attach_adapters(lora)
     assert backend.generate_tokens(prompt, GREEDY) == before  # B = 0: attached but no change yet
-    compiled = (engine.prefill_slot._cache_size(), engine.generate_slots._cache_size())
+    compiled = (engine.prefill_slots._cache_size(), engine.generate_slots._cache_size())
     j0 = lora.log_likelihood(params, prompt, resp)
     _train(lora, params, (prompt, resp), 60, 5e-2)
     after = backend.generate_tokens(prompt, GREEDY)
@@ -178,11 +178,11 @@ def test_adapting_towards_a_response_makes_greedy_generation_write_it_without_re
 
     assert lora.log_likelihood(params, prompt, resp) > j0 + 1.0
     assert common(before) == 0 and after[: len(resp)] == resp, (before, after, resp)
-    assert (engine.prefill_slot._cache_size(), engine.generate_slots._cache_size()) == compiled
+    assert (engine.prefill_slots._cache_size(), engine.generate_slots._cache_size()) == compiled
     swapped = MicroLoRA.for_model(cfg, seed=9, optimizer="adam")  # same structure: a swap reuses the executables
     backend.attach_adapters(swapped)
     assert backend.generate_tokens(prompt, GREEDY) == before
-    assert (engine.prefill_slot._cache_size(), engine.generate_slots._cache_size()) == compiled
+    assert (engine.prefill_slots._cache_size(), engine.generate_slots._cache_size()) == compiled
     backend.detach_adapters()
     assert backend.adapters is None and backend.generate_tokens(prompt, GREEDY) == before
 
