@@ -59,7 +59,8 @@ class DecodeState:
     sampling: Optional[SamplingParams] = None  # per-row parameters; None: the loop's argument
 
 
-def _next_pow2(n: int, floor: int) -> int:
+def pow2_bucket(n: int, floor: int) -> int:
+    """The smallest power of two >= n and >= floor: the shape buckets of prompts, caches and tables."""
     return max(floor, 1 << max(0, (n - 1).bit_length()))
 
 
@@ -72,8 +73,8 @@ def buckets(prompt_len: int, max_tokens: int, max_context: int) -> tuple[int, in
             f"prompt of {prompt_len} tokens + max_tokens={max_tokens} = {prompt_len + max_tokens} "
             f"exceeds max_context={max_context}"
         )
-    cache_len = min(_next_pow2(prompt_len + max_tokens, MIN_CACHE_BUCKET), max_context)
-    prompt_bucket = min(_next_pow2(prompt_len, MIN_PROMPT_BUCKET), cache_len)
+    cache_len = min(pow2_bucket(prompt_len + max_tokens, MIN_CACHE_BUCKET), max_context)
+    prompt_bucket = min(pow2_bucket(prompt_len, MIN_PROMPT_BUCKET), cache_len)
     return prompt_bucket, cache_len
 
 

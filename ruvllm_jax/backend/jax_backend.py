@@ -383,7 +383,7 @@ class JaxBackend:
         if not prompts:
             return []
         config = self.engine_config
-        config = dataclasses.replace(config, max_slots=min(config.max_slots, engine._next_pow2(len(prompts), 1)))
+        config = dataclasses.replace(config, max_slots=min(config.max_slots, engine.pow2_bucket(len(prompts), 1)))
         server = self.serving_engine(config)
         ids = [self._encode(p) for p in prompts]
         for i, p in zip(ids, per, strict=True):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ruvllm_jax.backend.engine import Engine, _next_pow2, make_rng
+from ruvllm_jax.backend.engine import Engine, make_rng, pow2_bucket
 from ruvllm_jax.backend.sampling import SamplingParams
 from ruvllm_jax.backend.tokenizer import check_token_ids
 from ruvllm_jax.cache.allocator import PagedAllocator
@@ -275,9 +275,9 @@ class ServingEngine:
         eng, c = self.engine, self.engine.config
         if self._state is None:
             self._state = eng.init_decode_state(self._device)
-        k = _next_pow2(len(reqs), 1)  # rows bucketed; padding rows target slot `max_slots` (dropped)
+        k = pow2_bucket(len(reqs), 1)  # rows bucketed; padding rows target slot `max_slots` (dropped)
         longest = max(len(r.feed) for r in reqs)
-        bucket = _next_pow2(longest, MIN_PROMPT_BUCKET)
+        bucket = pow2_bucket(longest, MIN_PROMPT_BUCKET)
         if not self._paged:
             bucket = min(bucket, c.max_len)
         pad = k - len(reqs)
@@ -314,7 +314,7 @@ class ServingEngine:
         """Table width for `blocks` blocks: a power of two >= MIN_TABLE_WIDTH, capped at a sequence's
         most; attention reads every block of the width, so it tracks the longest running sequence."""
         most = self.engine.config.blocks_per_seq
-        return min(most, _next_pow2(blocks, MIN_TABLE_WIDTH))
+        return min(most, pow2_bucket(blocks, MIN_TABLE_WIDTH))
 
     def _decode(self, running: list[_Request], outputs, limit: Optional[int]) -> None:
         eng, c = self.engine, self.engine.config
