@@ -48,24 +48,25 @@ def bench_ruvllm(folder: str, prompt_ids: list[int], new_tokens: int, repeats: i
     bucket, cache_len = engine.buckets(len(prompt_ids), new_tokens, backend.max_context())
     tokens = np.zeros((1, bucket), np.int32)
     tokens[0, : len(prompt_ids)] = prompt_ids
-    lengths = jnp.asarray([len(prompt_ids)], jnp.int32)
     no_eos = jnp.asarray([-1], jnp.int32)  # decode the full count, as transformers does with min_new_tokens
+    # The one-slot engine JaxBackend.generate runs (contiguous cache, segmented decode chunks).
+    eng = engine.Engine(cfg, engine.EngineConfig(max_slots=1, layout="contiguous", max_len=cache_len,
+                                                 chunk=backend.decode_chunk_size))
+    rows = SamplingParams.stack([sampling])
+    presence = np.zeros((1, cfg.vocab_size), np.bool_)
+    presence[0, prompt_ids] = True
 
     def prefill():
-        cache = engine.new_cache(cfg, 1, cache_len)
-        st = engine.prefill_and_sample(
-            params, jnp.asarray(tokens), lengths, cache, sampling, engine.make_rng(0), no_eos, cfg=cfg
-        )
+        st = eng.prefill(params, eng.init_decode_state(), [0], tokens, [len(prompt_ids)], sampling=rows,
+                         rngs=jnp.stack([engine.make_rng(0)]), max_tokens=[new_tokens], eos_ids=no_eos,
+                         presence=presence)
         return jax.block_until_ready(st)
 
     def generate():
         st = prefill()
         produced = 1
         while produced < new_tokens:
-            st, _, count = engine.decode_chunk(
-                params, st, sampling, no_eos, jnp.int32(new_tokens - produced), cfg=cfg,
-                chunk=backend.decode_chunk_size,
-            )
+            st, _, count = eng.generate(params, st, eos_ids=no_eos, limit=new_tokens - produced)
             produced += int(count)
         return produced
 
