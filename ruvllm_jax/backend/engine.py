@@ -25,7 +25,7 @@ from flax import struct
 
 from ruvllm_jax.backend.sampling import SamplingParams, presence_from_tokens, sample, update_presence
 from ruvllm_jax.cache import ContiguousKVCache
-from ruvllm_jax.cache.paged import PagedKVCache, PagedSpec, apply_copies
+from ruvllm_jax.cache.paged import KV_DTYPES, PagedKVCache, PagedSpec, apply_copies
 from ruvllm_jax.cache.segmented import SegmentedKVCache
 from ruvllm_jax.cache.two_tier import TwoTierKVCache, TwoTierSpec
 from ruvllm_jax.errors import ConfigError, GenerationError, KvCacheError
@@ -271,9 +271,8 @@ class EngineConfig:
             raise ConfigError(f"EngineConfig.kv_cache_config must be None or a KvCacheConfig, "
                               f"got {self.kv_cache_config!r}")
         if self.layout == "paged":
-            if self.kv_dtype not in ("float32", "float16", "bfloat16", "int8"):
-                raise ConfigError(f"EngineConfig.kv_dtype must be float32, float16, bfloat16 or int8, "
-                                  f"got {self.kv_dtype!r}")
+            if self.kv_dtype not in KV_DTYPES:
+                raise ConfigError(f"EngineConfig.kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
             if self.kv_cache_config is not None:
                 raise ConfigError("the two-tier cache (kv_cache_config) runs on layout='contiguous', not 'paged'")
         elif self.max_slots != 1:
@@ -302,15 +301,15 @@ def prefill_slots(params, state: DecodeState, slots, tokens, lengths, starts, pr
     their state updates are dropped.
     """
     cache = state.cache
+    last = jnp.maximum(lengths - 1, 0)  # padding rows have no tokens
     if config.layout == "paged":
         view = cache.with_tables(tables)
         logits, view = llama.prefill(params, cfg, tokens, view, adapters=adapters, kernel=config.kernel,
-                                     logit_positions=jnp.maximum(lengths - 1, 0), lengths=lengths,
-                                     start=starts if with_context else None)
+                                     logit_positions=last, lengths=lengths, start=starts if with_context else None)
         cache = view.with_tables(cache.block_tables)
     else:
         logits, cache = llama.prefill(params, cfg, tokens, cache, adapters=adapters, kernel=config.kernel,
-                                      logit_positions=lengths - 1, lengths=lengths)
+                                      logit_positions=last, lengths=lengths)
     rngs, keys = split_rng(rngs)
     token = sample(keys, logits, presence, sampling)
     done = _is_eos(token, eos_ids) | (max_tokens <= 1)

@@ -264,8 +264,8 @@ class JaxBackend:
         m = self._require()
         params = _check_params(params)
         ids = check_token_ids(prompt_ids, m.cfg.vocab_size, "prompt token ids")
-        sampling = self._check_request(ids, params)
-        return list(self._token_stream(ids, params, sampling, stream=False))
+        self._check_request(ids, params)
+        return list(self._token_stream(ids, params, stream=False))
 
     def generate(self, prompt: str, params: Optional[GenerateParams] = None) -> str:
         pieces: list[str] = []
@@ -287,22 +287,22 @@ class JaxBackend:
             raise TokenizationError(f"model {m.name!r} has no tokenizer.json; pass token ids to generate_tokens()")
         return m.tokenizer.encode(prompt)
 
-    def _check_request(self, ids: list[int], params: GenerateParams) -> SamplingParams:
-        """Everything that depends on the model: prompt ids in range, a prompt that fits, top_k <= vocab."""
+    def _check_request(self, ids: list[int], params: GenerateParams) -> None:
+        """Everything that depends on the model, before any work: prompt ids in range, a prompt that
+        fits, top_k <= vocab."""
         m = self._require()
         check_token_ids(ids, m.cfg.vocab_size, "prompt token ids")  # a tokenizer may know more ids than the model
-        sampling = SamplingParams.from_generate_params(params, vocab_size=m.cfg.vocab_size)
+        SamplingParams.from_generate_params(params, vocab_size=m.cfg.vocab_size)
         engine.buckets(len(ids), params.max_tokens, self.max_context())  # also refuses an empty prompt
         kv = m.model_config.kv_cache_config
         if kv is not None:
             engine.check_two_tier_fits(engine.two_tier_spec(m.cfg, kv), len(ids) + params.max_tokens,
                                        f"a prompt of {len(ids)} tokens + max_tokens={params.max_tokens}")
-        return sampling
 
     def _generate_text(self, prompt: str, params: GenerateParams, callback: StreamCallback, stream: bool) -> None:
         ids = self._encode(prompt)
-        sampling = self._check_request(ids, params)
-        self._emit_text(self._token_stream(ids, params, sampling, stream=stream), params, callback)
+        self._check_request(ids, params)
+        self._emit_text(self._token_stream(ids, params, stream=stream), params, callback)
 
     def _emit_text(self, tokens: Iterator[int], params: GenerateParams, callback: StreamCallback) -> None:
         """Decode `tokens` into text pieces for `callback` until a stop string, False, or the end."""
@@ -320,12 +320,9 @@ class JaxBackend:
         return ServingEngine(engine.Engine(m.cfg, config), m.params, eos_ids=m.eos_ids,
                              adapters=lambda: self.adapters, device=self._jax_device)
 
-    def _token_stream(
-        self, ids: list[int], params: GenerateParams, sampling: SamplingParams, stream: bool,
-    ) -> Iterator[int]:
+    def _token_stream(self, ids: list[int], params: GenerateParams, stream: bool) -> Iterator[int]:
         """Tokens of a request `_check_request` accepted, on a one-slot engine sized for it."""
         m = self._require()
-        del sampling  # the engine derives it from params again (checked already)
         if params.max_tokens == 0:
             return
         _, cache_len = engine.buckets(len(ids), params.max_tokens, self.max_context())
@@ -402,7 +399,8 @@ class JaxBackend:
                     texts[n].append(piece)
                     if stopped:
                         done.add(n)
-                        server.cancel(o.request_id) if not o.finished else None
+                        if not o.finished:
+                            server.cancel(o.request_id)
                         break
                 if o.finished and n not in done:
                     texts[n].append(streams[n].finish())

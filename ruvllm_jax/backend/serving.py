@@ -20,6 +20,7 @@ strings) is `JaxBackend`'s business; this works in token ids.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 from typing import Callable, Optional, Sequence
@@ -57,7 +58,6 @@ class _Session:
     history: list[int] = dataclasses.field(default_factory=list)  # every token of the conversation
     cached: int = 0  # tokens of `history` whose KV the blocks hold (the rest is prefilled next turn)
     busy: bool = False
-    closed: bool = False
 
 
 @dataclasses.dataclass
@@ -189,7 +189,6 @@ class ServingEngine:
         if sess.busy:
             raise SessionError(f"session {session} has a turn running; cancel or finish it first")
         self.allocator.free(sess.seq_id)
-        sess.closed = True
         del self._sessions[session]
 
     def history(self, session: int) -> list[int]:
@@ -213,7 +212,7 @@ class ServingEngine:
     def step(self, limit: Optional[int] = None) -> list[RequestOutput]:
         """Admit what fits, then one decode chunk of up to `limit` (default `chunk`) steps."""
         outputs: dict[int, list[int]] = collections.defaultdict(list)
-        with jax.default_device(self._device) if self._device is not None else _nullcontext():
+        with jax.default_device(self._device) if self._device is not None else contextlib.nullcontext():
             self._admit(outputs)
             running = [r for r in self._slots if r is not None and not r.finished]
             if running:
@@ -264,17 +263,20 @@ class ServingEngine:
             raise OutOfMemoryError(
                 f"request {req.id} needs {self.allocator.blocks_for(total)} blocks ({total} tokens) and only "
                 f"{self.allocator.num_free} are free with nothing running: open sessions hold the rest (close some)")
-        if self._state is None:
-            self._state = self.engine.init_decode_state(self._device)
-        self._state = self.engine.copy_blocks(self._state, self.allocator.reserve(req.seq_id, total))
+        self._state = self.engine.copy_blocks(self._ensure_state(), self.allocator.reserve(req.seq_id, total))
         self.allocator.set_length(req.seq_id, total)
         return True
+
+    def _ensure_state(self):
+        """The decode state, allocated (pool or slot cache) at the first admission."""
+        if self._state is None:
+            self._state = self.engine.init_decode_state(self._device)
+        return self._state
 
     def _prefill(self, reqs: list[_Request], outputs) -> None:
         """One prefill of `reqs` (already in their slots, blocks reserved); hand out first tokens."""
         eng, c = self.engine, self.engine.config
-        if self._state is None:
-            self._state = eng.init_decode_state(self._device)
+        self._ensure_state()
         k = pow2_bucket(len(reqs), 1)  # rows bucketed; padding rows target slot `max_slots` (dropped)
         longest = max(len(r.feed) for r in reqs)
         bucket = pow2_bucket(longest, MIN_PROMPT_BUCKET)
@@ -367,11 +369,3 @@ class ServingEngine:
             sess.cached += fed
         self.allocator.set_length(sess.seq_id, sess.cached)
         self.allocator.trim(sess.seq_id)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -38,6 +38,7 @@ from ruvllm_jax.cache.base import KVPart, PagedKVPart
 from ruvllm_jax.errors import KvCacheError
 
 _DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
+KV_DTYPES = tuple(_DTYPES)  # what a pool may hold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,28 +276,28 @@ class PagedKvCache:
         copies = self.allocator.reserve(seq_id, total)
         self.cache = apply_copies(self.cache, copies)
         self.allocator.set_length(seq_id, total)
-        table = self.allocator.table(seq_id)
-        cache = self.cache.with_tables(table_array([table], max(1, len(table)), self.spec.num_blocks))
+        cache = self._view(seq_id)
         for layer in range(self.num_layers):
             cache = _write_tokens(cache, k[layer], v[layer], jnp.int32(start), jnp.int32(k.shape[1]), layer=layer)
         self.cache = cache
 
     def get_kv(self, seq_id, layer: int = 0) -> tuple[jax.Array, jax.Array]:
         """The sequence's keys and values [T, KVH, D] in `layer`, dequantized."""
-        table = self.allocator.table(seq_id)
-        cache = self.cache.with_tables(table_array([table], max(1, len(table)), self.spec.num_blocks))
-        return cache.gather(layer, 0, self.allocator.length(seq_id))
+        return self._view(seq_id).gather(layer, 0, self.allocator.length(seq_id))
 
     def attend(self, seq_id, q, layer: int = 0, scale: Optional[float] = None, kernel=None) -> jax.Array:
         """q [H, D] over every token of the sequence in `layer` -> [H, D] (`kernels.paged_attention`)."""
         from ruvllm_jax.kernels import paged_attention
 
-        table = self.allocator.table(seq_id)
-        tables = table_array([table], max(1, len(table)), self.spec.num_blocks)
         q = jnp.asarray(q)
-        part = self.cache.with_tables(tables)._part(layer, jnp.asarray([self.allocator.length(seq_id)]))
+        part = self._view(seq_id)._part(layer, jnp.asarray([self.allocator.length(seq_id)]))
         return paged_attention(q[None], part.k_pages, part.v_pages, part.block_tables, part.lengths,
                                k_scales=part.k_scales, v_scales=part.v_scales, scale=scale, kernel=kernel)[0]
+
+    def _view(self, seq_id) -> PagedKVCache:
+        """The pools read through this one sequence's table."""
+        table = self.allocator.table(seq_id)
+        return self.cache.with_tables(table_array([table], max(1, len(table)), self.spec.num_blocks))
 
     def stats(self) -> dict:
         used = self.spec.num_blocks - self.allocator.num_free
