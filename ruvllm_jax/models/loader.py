@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ruvllm_jax.errors import ModelError, NotFoundError
-from ruvllm_jax.models import json_io
+from ruvllm_jax.models import json_io, weights_io
 from ruvllm_jax.models.config import LlamaConfig, token_ids
 from ruvllm_jax.models.safetensors_io import FLOAT_DTYPES, open_checkpoint, save_file
 
@@ -73,11 +73,20 @@ def _hf_names(i: int) -> dict[str, str]:
     }
 
 
-def load_params(folder: str, cfg: LlamaConfig, *, dtype=jnp.float32, device=None) -> dict[str, Any]:
-    """Read a checkpoint folder into the params pytree (fused layout), cast to `dtype`."""
-    tensors = open_checkpoint(folder)
+def load_params(
+    folder: str, cfg: LlamaConfig, *, dtype=jnp.float32, device=None, quantization=None,
+) -> dict[str, Any]:
+    """Read a checkpoint folder into the params pytree (fused layout), with one copy of the weights.
 
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    Every tensor is kept as `dtype` (float32 by default); when `quantization` (a quantized
+    `Precision`) is given, 2-D weights are kept in its block format instead
+    (`ruvllm_jax.quant.convert.format_for`). Each weight is read chunk by chunk into the buffer it is kept in
+    (`weights_io.materialize`), never through the file's memory map.
+    """
+    tensors = open_checkpoint(folder)
+    float_kind = weights_io.kind_of_dtype(dtype)
+
+    def source(name: str, shape: tuple[int, ...]) -> weights_io.RowSource:
         if name not in tensors:
             raise ModelError(f"tensor {name!r} is missing from the checkpoint in {folder!r}")
         file = tensors[name]
@@ -85,53 +94,51 @@ def load_params(folder: str, cfg: LlamaConfig, *, dtype=jnp.float32, device=None
             raise ModelError(
                 f"tensor {name!r} in {file.path!r} has dtype {file.dtype(name)}, expected one of {FLOAT_DTYPES}"
             )
-        a = file.get(name)
-        if a.shape != shape:
-            raise ModelError(
-                f"tensor {name!r} has shape {list(a.shape)}, expected {list(shape)} for this config"
-            )
-        return np.asarray(a, dtype=np.float32)
+        stored = file.shape(name)
+        src = weights_io.file_rows(file.path, file.data_offset(name), name, file.dtype(name),
+                                   (1, stored[0]) if len(stored) == 1 else tuple(stored) if len(stored) == 2
+                                   else (-1, -1))
+        if len(stored) not in (1, 2):
+            raise ModelError(f"tensor {name!r} has shape {list(stored)}, expected {list(shape)} for this config")
+        weights_io.check_shape(src, shape, file.path)
+        return src
 
-    def put(a: np.ndarray) -> jax.Array:
-        return jax.device_put(jnp.asarray(a, dtype=dtype), device)
+    def vector(*parts: tuple[str, int]) -> jax.Array:
+        return weights_io.materialize_vector([source(n, (size,)) for n, size in parts], device, float_kind)
+
+    def matrix(*parts: tuple[str, tuple[int, int]]) -> Any:
+        srcs = [source(n, shape) for n, shape in parts]
+        return weights_io.materialize(srcs, weights_io.weight_kind(quantization, float_kind, srcs[0].shape[1]), device)
 
     d, inter = cfg.hidden_size, cfg.intermediate_size
     layers = []
     for i in range(cfg.num_layers):
         n = _hf_names(i)
-        q = get(n["q"] + ".weight", (cfg.q_size, d))
-        k = get(n["k"] + ".weight", (cfg.kv_size, d))
-        v = get(n["v"] + ".weight", (cfg.kv_size, d))
         lp = {
-            "attn_norm": put(get(n["attn_norm"], (d,))),
-            "wqkv": put(np.concatenate([q, k, v], axis=0)),
-            "wo": put(get(n["o"] + ".weight", (d, cfg.q_size))),
-            "mlp_norm": put(get(n["mlp_norm"], (d,))),
-            "w_gate_up": put(np.concatenate([
-                get(n["gate"] + ".weight", (inter, d)), get(n["up"] + ".weight", (inter, d))
-            ])),
-            "w_down": put(get(n["down"] + ".weight", (d, inter))),
+            "attn_norm": vector((n["attn_norm"], d)),
+            "wqkv": matrix((n["q"] + ".weight", (cfg.q_size, d)), (n["k"] + ".weight", (cfg.kv_size, d)),
+                           (n["v"] + ".weight", (cfg.kv_size, d))),
+            "wo": matrix((n["o"] + ".weight", (d, cfg.q_size))),
+            "mlp_norm": vector((n["mlp_norm"], d)),
+            "w_gate_up": matrix((n["gate"] + ".weight", (inter, d)), (n["up"] + ".weight", (inter, d))),
+            "w_down": matrix((n["down"] + ".weight", (d, inter))),
         }
         if cfg.attention_bias:
-            lp["bqkv"] = put(np.concatenate([
-                get(n["q"] + ".bias", (cfg.q_size,)), get(n["k"] + ".bias", (cfg.kv_size,)),
-                get(n["v"] + ".bias", (cfg.kv_size,)),
-            ]))
+            lp["bqkv"] = vector((n["q"] + ".bias", cfg.q_size), (n["k"] + ".bias", cfg.kv_size),
+                                (n["v"] + ".bias", cfg.kv_size))
             if n["o"] + ".bias" in tensors:  # Llama's attention_bias covers o_proj; Qwen2's does not
-                lp["bo"] = put(get(n["o"] + ".bias", (d,)))
+                lp["bo"] = vector((n["o"] + ".bias", d))
         if cfg.mlp_bias:
-            lp["b_gate_up"] = put(np.concatenate([
-                get(n["gate"] + ".bias", (inter,)), get(n["up"] + ".bias", (inter,))
-            ]))
-            lp["b_down"] = put(get(n["down"] + ".bias", (d,)))
+            lp["b_gate_up"] = vector((n["gate"] + ".bias", inter), (n["up"] + ".bias", inter))
+            lp["b_down"] = vector((n["down"] + ".bias", d))
         layers.append(lp)
     params = {
-        "embed": put(get("model.embed_tokens.weight", (cfg.vocab_size, d))),
-        "final_norm": put(get("model.norm.weight", (d,))),
+        "embed": matrix(("model.embed_tokens.weight", (cfg.vocab_size, d))),
+        "final_norm": vector(("model.norm.weight", d)),
         "layers": tuple(layers),
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = put(get("lm_head.weight", (cfg.vocab_size, d)))
+        params["lm_head"] = matrix(("lm_head.weight", (cfg.vocab_size, d)))
     return params
 
 

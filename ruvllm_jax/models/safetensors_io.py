@@ -99,6 +99,20 @@ class SafetensorsFile:
             entries[name] = (dtype, shape)
         self._handle = handle
         self._entries = entries
+        self._offsets: Optional[dict[str, int]] = None
+
+    def data_offset(self, name: str) -> int:
+        """Where the tensor's bytes begin in the file (the package validated the header at open)."""
+        self._known(name)
+        if self._offsets is None:
+            try:
+                with open(self.path, "rb") as f:
+                    (n,) = _struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(n))
+            except (OSError, ValueError) as e:
+                raise ModelError(f"safetensors file {self.path!r}: cannot re-read its header: {e}") from None
+            self._offsets = {k: 8 + n + int(v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
+        return self._offsets[name]
 
     def keys(self) -> list[str]:
         return list(self._entries)
