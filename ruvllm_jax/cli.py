@@ -25,7 +25,7 @@ def set_jax_verbosity(verbosity: int) -> None:
 
 def stream_generation(
     model: Optional[str], prompt: str, params: GenerateParams, *, max_context: int = 4096,
-    precision: Precision = Precision.FP32, out=None, err=None,
+    precision: Optional[Precision] = None, out=None, err=None,
 ) -> str:
     """Load `model` (None = embedded), stream the continuation of `prompt` to `out`, return it."""
     out, err = out or sys.stdout, err or sys.stderr
@@ -35,7 +35,8 @@ def stream_generation(
     backend = JaxBackend.new()
     backend.load_model(model or None, ModelConfig(max_context=max_context, quantization=precision))
     info = backend.model_info()
-    print(f"[ruvllm-jax] {info.name}: {info.num_parameters / 1e6:.1f}M params on {backend.device()} "
+    print(f"[ruvllm-jax] {info.name}: {info.num_parameters / 1e6:.1f}M params ({info.dtype}) "
+          f"on {backend.device()} "
           f"(loaded in {time.perf_counter() - t0:.1f}s)", file=err)
     pieces: list[str] = []
 
@@ -58,7 +59,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="ruvllm-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text, streamed to stdout")
-    g.add_argument("--model", default=None, help="hub id or local folder (default: the embedded model)")
+    g.add_argument("--model", default=None,
+                   help="hub id, local folder or .gguf file (default: the embedded model)")
     g.add_argument("--prompt", default="ROMEO:\n")
     g.add_argument("--max-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8)
@@ -68,7 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--max-context", type=int, default=4096)
-    g.add_argument("--precision", choices=["FP32", "FP16", "BF16"], default="FP32")
+    g.add_argument("--precision", choices=["keep", *Precision.__members__], default="keep",
+                   help="weights as the file holds them (keep), or converted at load: FP32 FP16 BF16 Q8 Q4 Q4K")
     g.add_argument("--verbosity", type=int, choices=sorted(VERBOSITY_LEVELS), default=0,
                    help="jax's logging: 0 = warnings only (default), 1 = info, 2 = debug")
     args = parser.parse_args(argv)
@@ -79,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         repetition_penalty=args.repetition_penalty, stop_sequences=tuple(args.stop), seed=args.seed,
     )
     stream_generation(args.model, args.prompt, params, max_context=args.max_context,
-                      precision=Precision[args.precision])
+                      precision=None if args.precision == "keep" else Precision[args.precision])
     return 0
 
 

@@ -236,9 +236,12 @@ class KvCacheConfig:
 class ModelConfig:
     """How to load a model.
 
-    `quantization` defaults to FP32 rather than RuvLLM's Q4K: weight quantization at load is not
-    implemented yet, and a default that cannot be honoured would be a stub. `use_flash_attention`
-    False forces the plain jnp attention.
+    `quantization` None (the default) keeps what the file holds: a safetensors folder computes in
+    float32 from its stored dtype, a GGUF keeps its tensors in their stored types (quantized blocks
+    stay quantized, F16 stays F16). An explicit `Precision` converts every 2-D weight at load: FP32 /
+    FP16 / BF16 keep floats of that width (FP32 on a GGUF dequantizes it); Q8, Q4 and Q4K quantize to
+    GGML Q8_0, Q4_1 and Q4_K (Q5_0 where rows are not a multiple of 256, as llama.cpp does). Norms
+    and biases stay float32. `use_flash_attention` False forces the plain jnp attention.
 
     `kv_cache_config` defaults to None (not RuvLLM's two-tier default): generation then keeps every
     key and value in a full-precision contiguous cache, exact against transformers. A
@@ -248,7 +251,7 @@ class ModelConfig:
 
     max_context: int = 4096
     use_flash_attention: bool = True
-    quantization: Precision = Precision.FP32
+    quantization: Optional[Precision] = None
     kv_cache_config: Optional[KvCacheConfig] = None
     device: Optional[DeviceType] = None  # None = best present
     hf_token: Optional[str] = None
@@ -258,8 +261,8 @@ class ModelConfig:
             raise ConfigError(f"max_context must be an int > 0, got {self.max_context!r}")
         if not isinstance(self.use_flash_attention, bool):
             raise ConfigError(f"use_flash_attention must be a bool, got {self.use_flash_attention!r}")
-        if not isinstance(self.quantization, Precision):
-            raise ConfigError(f"quantization must be a Precision, got {self.quantization!r}")
+        if self.quantization is not None and not isinstance(self.quantization, Precision):
+            raise ConfigError(f"quantization must be None or a Precision, got {self.quantization!r}")
         if self.kv_cache_config is not None and not isinstance(self.kv_cache_config, KvCacheConfig):
             raise ConfigError(f"kv_cache_config must be None or a KvCacheConfig, got {self.kv_cache_config!r}")
         if self.device is not None and not isinstance(self.device, DeviceType):
@@ -348,8 +351,8 @@ class ModelInfo:
     head_dim: int
     vocab_size: int
     max_context: int
-    dtype: str
-    quantization: Precision
+    dtype: str  # storage kinds by bytes held, e.g. "float32" or "Q5_0+Q8_0+Q4_K+float32"
+    quantization: Optional[Precision]  # as requested, else of the kind holding most bytes (None: Q5_0/Q6_K)
     path: str
 
 

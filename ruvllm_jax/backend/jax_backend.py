@@ -25,13 +25,13 @@ from ruvllm_jax.compilation_cache import ensure_default_compilation_cache
 from ruvllm_jax.errors import (
     ConfigError,
     InvalidOperationError,
-    ModelError,
     SessionError,
     TokenizationError,
 )
 from ruvllm_jax.kernels import KernelOptions
 from ruvllm_jax.models import loader
 from ruvllm_jax.models.config import LlamaConfig
+from ruvllm_jax.quant.tensor import weight_stats
 from ruvllm_jax.types import DeviceType, GenerateParams, MemoryStats, ModelConfig, ModelInfo, ModelSize, Precision
 
 _STORAGE_DTYPES = {Precision.FP32: jnp.float32, Precision.FP16: jnp.float16, Precision.BF16: jnp.bfloat16}
@@ -111,40 +111,48 @@ class JaxBackend:
         # must leave the backend as it was.
         device = self._device if config.device is None else config.device
         jax_device = self._jax_device if device == self._device else device.to_jax()
-        if config.quantization not in _STORAGE_DTYPES:
-            raise ConfigError(
-                f"quantization {config.quantization.name} is not implemented yet; "
-                f"supported: {[p.name for p in _STORAGE_DTYPES]}"
-            )
         model_id = default_model_path() if model_id_or_path is None else model_id_or_path
         path = loader.resolve_model_path(model_id, hf_token=config.hf_token)
         if path.endswith(".gguf"):
-            raise ModelError(f"GGUF loading is not implemented yet ({path!r}); use a safetensors folder")
-        cfg = loader.load_config(path)
-        if config.kv_cache_config is not None:  # a two-tier cache this model cannot use fails the load
-            engine.two_tier_spec(cfg, config.kv_cache_config)
-        params = loader.load_params(path, cfg, dtype=_STORAGE_DTYPES[config.quantization], device=jax_device)
-        tok_path = os.path.join(path, "tokenizer.json")
-        gen_cfg = loader.load_generation_config(path, cfg)
-        eos = gen_cfg.get("eos_token_id", list(cfg.eos_token_ids))
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-        tokenizer = (
-            Tokenizer.from_file(tok_path, bos_token_id=cfg.bos_token_id, eos_token_ids=eos_ids)
-            if os.path.isfile(tok_path) else None
-        )
+            from ruvllm_jax.models import gguf_io
+
+            cfg, params, tokenizer, eos_ids = gguf_io.load_gguf(
+                path, quantization=config.quantization, device=jax_device,
+                check_config=lambda c: self._check_load_config(c, config))
+        else:
+            cfg = loader.load_config(path)
+            self._check_load_config(cfg, config)
+            quantized = config.quantization is not None and config.quantization.is_quantized
+            dtype = jnp.float32 if quantized else _STORAGE_DTYPES[config.quantization or Precision.FP32]
+            params = loader.load_params(path, cfg, dtype=dtype, device=jax_device,
+                                        quantization=config.quantization if quantized else None)
+            tok_path = os.path.join(path, "tokenizer.json")
+            gen_cfg = loader.load_generation_config(path, cfg)
+            eos = gen_cfg.get("eos_token_id", list(cfg.eos_token_ids))
+            eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+            tokenizer = (
+                Tokenizer.from_file(tok_path, bos_token_id=cfg.bos_token_id, eos_token_ids=eos_ids)
+                if os.path.isfile(tok_path) else None
+            )
         is_hub_id = not os.path.exists(os.path.expanduser(model_id))
         name = model_id if is_hub_id else os.path.basename(path.rstrip(os.sep))
         self._device, self._jax_device = device, jax_device
         self._model = _Loaded(params, cfg, config, tokenizer, eos_ids, path, name)
         self._sessions_engine = None  # sessions belong to the model they were opened on
 
+    @staticmethod
+    def _check_load_config(cfg: LlamaConfig, config: ModelConfig) -> None:
+        """What must hold before any weight is read: a two-tier cache this model cannot use fails the load."""
+        if config.kv_cache_config is not None:
+            engine.two_tier_spec(cfg, config.kv_cache_config)
+
     def download_model(
-        self, model_id: str, quantization: Precision = Precision.FP32, cache_dir: Optional[str] = None,
+        self, model_id: str, quantization: Optional[Precision] = None, cache_dir: Optional[str] = None,
     ) -> str:
         """Fetch a hub model into the HF cache (or `cache_dir`) and return its local folder."""
         model_id = _check_model_path(model_id, "model_id")
-        if not isinstance(quantization, Precision):
-            raise ConfigError(f"quantization must be a Precision, got {quantization!r}")
+        if quantization is not None and not isinstance(quantization, Precision):
+            raise ConfigError(f"quantization must be None or a Precision, got {quantization!r}")
         if cache_dir is not None:
             cache_dir = _check_model_path(cache_dir, "cache_dir")
         del quantization  # weights are quantized at load time, not on disk
@@ -197,12 +205,14 @@ class JaxBackend:
         if self._model is None:
             return None
         m, c = self._model, self._model.cfg
-        n = sum(x.size for x in jax.tree_util.tree_leaves(m.params))
+        stats = weight_stats(m.params)
         return ModelInfo(
-            name=m.name, architecture=c.model_type, num_parameters=int(n), size=ModelSize.from_num_params(n),
+            name=m.name, architecture=c.model_type, num_parameters=stats.num_weights,
+            size=ModelSize.from_num_params(stats.num_weights),
             hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim, vocab_size=c.vocab_size, max_context=self.max_context(),
-            dtype=str(jax.tree_util.tree_leaves(m.params)[0].dtype), quantization=m.model_config.quantization,
+            dtype=stats.dtype_name, quantization=stats.precision if m.model_config.quantization is None
+            else m.model_config.quantization,
             path=m.path,
         )
 

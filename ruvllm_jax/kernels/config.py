@@ -69,10 +69,15 @@ class BlockSizes:
                     raise ConfigError(f"{type(family).__name__}.{field.name} must be a positive int, got {value!r}")
 
 
+QUANTIZED_MATMUL_IMPLS = ("auto", "native", "jnp")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class KernelOptions:
     """How attention runs: `impl` ("auto" | "pallas" | "jnp"), `interpret` (run Pallas kernels on
-    CPU, for tests), `pallas_backend` ("triton" | "mosaic" | None = the device's) and `block_sizes`.
+    CPU, for tests), `pallas_backend` ("triton" | "mosaic" | None = the device's) and `block_sizes`;
+    and how linears with quantized weights multiply: `quantized_matmul` ("auto": the native CPU
+    kernel where it is built, else jnp; "native"; "jnp"), see `ruvllm_jax.quant.matmul`.
 
     Frozen and hashable: models, engines and kernels take it as one static jit argument.
     """
@@ -81,6 +86,7 @@ class KernelOptions:
     interpret: bool = False
     pallas_backend: Optional[str] = None
     block_sizes: BlockSizes = BlockSizes()
+    quantized_matmul: str = "auto"
 
     def __post_init__(self):
         impl = IMPL_ALIASES.get(self.impl, self.impl) if isinstance(self.impl, str) else self.impl
@@ -93,6 +99,9 @@ class KernelOptions:
             raise ConfigError(f"interpret must be a bool, got {self.interpret!r}")
         if not isinstance(self.block_sizes, BlockSizes):
             raise ConfigError(f"block_sizes must be a BlockSizes, got {self.block_sizes!r}")
+        if self.quantized_matmul not in QUANTIZED_MATMUL_IMPLS:
+            raise ConfigError(
+                f"quantized_matmul must be one of {QUANTIZED_MATMUL_IMPLS}, got {self.quantized_matmul!r}")
 
     def pallas_target(self) -> str:
         """The Pallas backend the kernels lower for: the one asked for, else the device's."""

@@ -21,6 +21,7 @@ import numpy as np
 from ruvllm_jax.errors import AdapterError
 from ruvllm_jax.models import llama
 from ruvllm_jax.models.config import LlamaConfig
+from ruvllm_jax.quant.tensor import QuantizedTensor
 
 MIN_BUCKET = 16
 
@@ -73,6 +74,18 @@ def check_model_params(params, cfg: LlamaConfig) -> None:
         layer_shapes.update(b_gate_up=(2 * inter,), b_down=(d,))
 
     def leaf(where, x, shape):
+        if isinstance(x, tuple) and len(shape) == 2 and x:  # a fused weight kept as parts (see models.llama)
+            for j, part in enumerate(x):
+                leaf(f"{where} part {j}", part, (getattr(part, "shape", (None,))[0], shape[1]))
+            if sum(int(part.shape[0]) for part in x) != shape[0]:
+                raise AdapterError(f"model params {where}: parts of {[tuple(p.shape) for p in x]} do not stack to "
+                                   f"{shape}: these params belong to another model")
+            return
+        if isinstance(x, QuantizedTensor):
+            if tuple(x.shape) != shape:
+                raise AdapterError(f"model params {where} is {x!r}, the model config needs shape {shape}: these "
+                                   f"params belong to another model")
+            return
         if not isinstance(x, (np.ndarray, jax.Array)):
             raise AdapterError(f"model params {where} must be an array, got {describe(x)}")
         if tuple(x.shape) != shape or not jnp.issubdtype(x.dtype, jnp.floating):

@@ -11,7 +11,8 @@ Params layout (weights in PyTorch's [out, in] order, which XLA:CPU multiplies fa
 
 Q/K/V and gate/up are fused so decode runs two large GEMVs instead of five small ones. Layers are a
 tuple walked by a Python loop: on XLA:CPU that decodes faster than `lax.scan` over stacked layers,
-which copies each layer's weights. Everything computes in float32.
+which copies each layer's weights. Everything computes in float32. Any 2-D weight may instead be a
+`ruvllm_jax.quant.QuantizedTensor` (GGML blocks) or a tuple of weights stacked along `out`.
 
 Optional `adapters` add LoRA deltas `scaling * (x @ A) @ B` per layer and module ("q", "k", "v",
 "o", "gate", "up", "down"); they are jit arguments, so new adapter values never recompile.
@@ -37,6 +38,8 @@ from ruvllm_jax.errors import ConfigError
 from ruvllm_jax.kernels import KernelOptions
 from ruvllm_jax.models import attention
 from ruvllm_jax.models.config import LlamaConfig
+from ruvllm_jax.quant.matmul import embed_rows, quantized_matmul
+from ruvllm_jax.quant.tensor import QuantizedTensor
 
 Params = dict[str, Any]
 Adapters = Optional[dict[str, Any]]
@@ -65,8 +68,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 ROW_REDUCE_MAX_ROWS = 16  # see `_linear`
 
 
-def _linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
+def _linear(x: jax.Array, w, b: Optional[jax.Array] = None, qimpl: str = "auto") -> jax.Array:
     """x [..., in] @ w[out, in].T (+ b) in float32.
+
+    `w` is a float array, a `QuantizedTensor` (GGML blocks, multiplied by `quantized_matmul`
+    without dequantizing the matrix), or a tuple of those stacked along `out` (a fused weight
+    whose parts a GGUF stores in different formats). `qimpl` is `KernelOptions.quantized_matmul`.
 
     Contracts with w's input axis directly: a `w.T` inside a while loop makes XLA:CPU copy the
     transposed weights every iteration. One row is a GEMV that streams the weights at memory
@@ -74,6 +81,12 @@ def _linear(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Ar
     on every call and ran at half the speed of a multiply-and-reduce over whole rows, which
     streams it once for all of them (2.3x faster at 8 rows of the 0.5B shape's MLP).
     """
+    if isinstance(w, tuple):
+        y = jnp.concatenate([_linear(x, part, None, qimpl) for part in w], axis=-1)
+        return y if b is None else y + b.astype(jnp.float32)
+    if isinstance(w, QuantizedTensor):
+        y = quantized_matmul(x.astype(jnp.float32), w, impl=qimpl)
+        return y if b is None else y + b.astype(jnp.float32)
     w = w.astype(jnp.float32)
     rows = math.prod(x.shape[:-1])
     if 2 <= rows <= ROW_REDUCE_MAX_ROWS and jax.default_backend() == "cpu":
@@ -115,39 +128,39 @@ def _with_fused_lora(y: jax.Array, x: jax.Array, layer_adapters: Optional[dict],
     return y + (x @ a) @ b
 
 
-def _qkv(lp: Params, cfg: LlamaConfig, h: jax.Array, la: Optional[dict]):
-    qkv = _linear(h, lp["wqkv"], lp.get("bqkv"))
+def _qkv(lp: Params, cfg: LlamaConfig, h: jax.Array, la: Optional[dict], qimpl: str):
+    qkv = _linear(h, lp["wqkv"], lp.get("bqkv"), qimpl)
     q_kv = cfg.q_size + cfg.kv_size
     qkv = _with_fused_lora(qkv, h, la, {"q": (0, cfg.q_size), "k": (cfg.q_size, cfg.kv_size), "v": (q_kv, cfg.kv_size)})
     return jnp.split(qkv, [cfg.q_size, q_kv], axis=-1)
 
 
-def _mlp(lp: Params, cfg: LlamaConfig, x: jax.Array, la: Optional[dict]) -> jax.Array:
+def _mlp(lp: Params, cfg: LlamaConfig, x: jax.Array, la: Optional[dict], qimpl: str) -> jax.Array:
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     inter = cfg.intermediate_size
-    gate_up = _linear(h, lp["w_gate_up"], lp.get("b_gate_up"))
+    gate_up = _linear(h, lp["w_gate_up"], lp.get("b_gate_up"), qimpl)
     gate_up = _with_fused_lora(gate_up, h, la, {"gate": (0, inter), "up": (inter, inter)})
     gate, up = jnp.split(gate_up, 2, axis=-1)
     act = jax.nn.silu(gate) * up
-    return x + _with_lora(_linear(act, lp["w_down"], lp.get("b_down")), act, la, "down")
+    return x + _with_lora(_linear(act, lp["w_down"], lp.get("b_down"), qimpl), act, la, "down")
 
 
-def _attn_out(lp: Params, attn: jax.Array, la: Optional[dict]) -> jax.Array:
-    return _with_lora(_linear(attn, lp["wo"], lp.get("bo")), attn, la, "o")
+def _attn_out(lp: Params, attn: jax.Array, la: Optional[dict], qimpl: str) -> jax.Array:
+    return _with_lora(_linear(attn, lp["wo"], lp.get("bo"), qimpl), attn, la, "o")
 
 
 def _layer_adapters(adapters: Adapters, i: int) -> Optional[dict]:
     return None if adapters is None else adapters["layers"][i]
 
 
-def _logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
+def _logits(params: Params, cfg: LlamaConfig, x: jax.Array, kernel: KernelOptions) -> jax.Array:
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-    return _linear(h, head)
+    return _linear(h, head, None, kernel.quantized_matmul)
 
 
 def _block(lp: Params, cfg: LlamaConfig, x: jax.Array, cos: jax.Array, sin: jax.Array, la: Optional[dict],
-           attend: Callable):
+           attend: Callable, kernel: KernelOptions):
     """One decoder layer, the same for prefill, decode, training and scoring.
 
     x [..., E] with leading axes (B, S) or (B,); cos/sin broadcast against them. `attend(q, k,
@@ -155,14 +168,14 @@ def _block(lp: Params, cfg: LlamaConfig, x: jax.Array, cos: jax.Array, sin: jax.
     """
     lead = x.shape[:-1]
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = _qkv(lp, cfg, h, la)
+    q, k, v = _qkv(lp, cfg, h, la, kernel.quantized_matmul)
     q = apply_rope(q.reshape(*lead, cfg.num_heads, cfg.head_dim), cos, sin)
     k = apply_rope(k.reshape(*lead, cfg.num_kv_heads, cfg.head_dim), cos, sin)
     v = v.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
     out, cache = attend(q, k, v)
     chex.assert_shape(out, q.shape)
-    x = x + _attn_out(lp, out.reshape(*lead, cfg.q_size), la)
-    return _mlp(lp, cfg, x, la), cache
+    x = x + _attn_out(lp, out.reshape(*lead, cfg.q_size), la, kernel.quantized_matmul)
+    return _mlp(lp, cfg, x, la, kernel.quantized_matmul), cache
 
 
 def _prompt_attend(q, k, v, *, cache, layer: int, cfg: LlamaConfig, kernel: KernelOptions, lengths=None,
@@ -200,7 +213,7 @@ def _kernel(kernel: Optional[KernelOptions], impl: Optional[str], interpret: Opt
 
 def embed(params: Params, tokens: jax.Array) -> jax.Array:
     """Token embeddings in f32: tokens [B, S] -> x [B, S, E], the residual stream entering layer 0."""
-    return params["embed"][tokens].astype(jnp.float32)
+    return embed_rows(params["embed"], tokens)
 
 
 def _prompt_layers(params, cfg, x, cache, adapters, kernel, start: int, stop: int, lengths=None, offset=None):
@@ -210,7 +223,7 @@ def _prompt_layers(params, cfg, x, cache, adapters, kernel, start: int, stop: in
     for i in range(start, stop):
         attend = functools.partial(_prompt_attend, cache=cache, layer=i, cfg=cfg, kernel=kernel, lengths=lengths,
                                    start=offset)
-        x, cache = _block(params["layers"][i], cfg, x, cos, sin, _layer_adapters(adapters, i), attend)
+        x, cache = _block(params["layers"][i], cfg, x, cos, sin, _layer_adapters(adapters, i), attend, kernel)
     return x, cache
 
 
@@ -228,9 +241,10 @@ def run_layers(
     return _prompt_layers(params, cfg, x, None, adapters, _kernel(kernel, None, None), start, stop)[0]
 
 
-def head_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
+def head_logits(params: Params, cfg: LlamaConfig, x: jax.Array, *, kernel: Optional[KernelOptions] = None
+                ) -> jax.Array:
     """Final norm and vocabulary projection: x [..., E] -> logits [..., V]."""
-    return _logits(params, cfg, x)
+    return _logits(params, cfg, x, _kernel(kernel, None, None))
 
 
 def prefill(
@@ -266,7 +280,7 @@ def prefill(
                               None if start is None else jnp.asarray(start, jnp.int32))
     if logit_positions is not None:
         x = jnp.take_along_axis(x, logit_positions[:, None, None], axis=1)[:, 0]
-    return _logits(params, cfg, x), cache
+    return _logits(params, cfg, x, kernel), cache
 
 
 def decode(
@@ -285,12 +299,12 @@ def decode(
     kernel = _kernel(kernel, impl, interpret)
     (b,) = tokens.shape
     chex.assert_shape(positions, (b,))
-    x = params["embed"][tokens].astype(jnp.float32)
+    x = embed(params, tokens)
     cos, sin = rope_tables(cfg, positions)
     for i, lp in enumerate(params["layers"]):
         attend = functools.partial(_token_attend, cache=cache, layer=i, positions=positions, cfg=cfg, kernel=kernel)
-        x, cache = _block(lp, cfg, x, cos, sin, _layer_adapters(adapters, i), attend)
-    logits = _logits(params, cfg, x)
+        x, cache = _block(lp, cfg, x, cos, sin, _layer_adapters(adapters, i), attend, kernel)
+    logits = _logits(params, cfg, x, kernel)
     chex.assert_shape(logits, (b, cfg.vocab_size))
     return logits, cache
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Callable, Optional, Sequence, Union
 
 import jax
@@ -56,7 +57,11 @@ def weight_kind(precision, float_kind: Kind, cols: int) -> Kind:
     from ruvllm_jax.quant import convert
 
     fmt = convert.format_for(precision, cols)
-    return "F32" if fmt is None else fmt
+    if fmt is None:
+        warnings.warn(f"weights with rows of {cols} columns stay float32: {cols} is not a multiple of 32, so "
+                      f"no block format holds them at {precision.name}", stacklevel=3)
+        return "F32"
+    return fmt
 
 
 def aligned_empty(shape: Sequence[int], dtype) -> np.ndarray:
