@@ -49,11 +49,17 @@ def kind_of_dtype(dtype) -> Kind:
     raise ModelError(f"weights can be kept as {sorted(FLOAT_KINDS)}, not {dtype}")
 
 
+_PRECISION_KINDS = {"FP32": "F32", "FP16": "F16", "BF16": "BF16"}
+
+
 def weight_kind(precision, float_kind: Kind, cols: int) -> Kind:
-    """The kind a 2-D weight with rows of `cols` is kept in: `float_kind` unless `precision` is a
-    quantized `Precision`, then its block format (see `ruvllm_jax.quant.convert.format_for`)."""
-    if precision is None or not precision.is_quantized:
+    """The kind a 2-D weight with rows of `cols` is kept in: `float_kind` when `precision` is None,
+    a float `Precision`'s width, or a quantized one's block format (`ruvllm_jax.quant.convert.format_for`;
+    float32, with a warning, when no block fits the rows)."""
+    if precision is None:
         return float_kind
+    if not precision.is_quantized:
+        return _PRECISION_KINDS[precision.name]
     from ruvllm_jax.quant import convert
 
     fmt = convert.format_for(precision, cols)
