@@ -8,11 +8,10 @@ within that rounding.
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from ruvllm_jax import JaxBackend, ModelConfig, Precision
 from ruvllm_jax.kernels import KernelOptions
@@ -62,7 +61,8 @@ def test_quantized_load_equals_transformers_on_the_weights_it_stands_for(model_f
     b = JaxBackend()
     b.load_model(folder, ModelConfig(quantization=precision))
     params, cfg = b.params, b.config
-    kinds = {x.qtype for x in jax.tree_util.tree_leaves(params, is_leaf=is_weight_leaf) if isinstance(x, QuantizedTensor)}
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=is_weight_leaf)
+    kinds = {x.qtype for x in leaves if isinstance(x, QuantizedTensor)}
     assert kinds == {FORMAT[precision]}
     assert isinstance(params["layers"][0]["wqkv"], QuantizedTensor) and isinstance(params["embed"], QuantizedTensor)
     tokens = rng_tokens(12, seed=1)
@@ -70,7 +70,8 @@ def test_quantized_load_equals_transformers_on_the_weights_it_stands_for(model_f
     got = np.asarray(llama.forward(params, cfg, jnp.asarray(tokens), kernel=KernelOptions(quantized_matmul="jnp")))
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
     if qmatmul.native_available():
-        nat = np.asarray(llama.forward(params, cfg, jnp.asarray(tokens), kernel=KernelOptions(quantized_matmul="native")))
+        native = KernelOptions(quantized_matmul="native")
+        nat = np.asarray(llama.forward(params, cfg, jnp.asarray(tokens), kernel=native))
         # 8-bit activations: relative error ~ 1/127 per product, far below the logits' spread.
         err = np.abs(nat - want).max() / np.abs(want).max()
         assert err < 0.03, err
@@ -109,7 +110,7 @@ def test_quantized_generation_runs_the_engine_and_greedy_text_tracks_fp32():
         b.eos_token_ids = ()
         ids = b.tokenizer().encode(prompt)
         out[precision] = b.generate_tokens(ids, params)
-    pairs = enumerate(zip(out[Precision.FP32], out[Precision.Q8]))
+    pairs = enumerate(zip(out[Precision.FP32], out[Precision.Q8], strict=True))
     same = next((i for i, (a, c) in pairs if a != c), 48)
     assert same == 48, (same, out)
 
