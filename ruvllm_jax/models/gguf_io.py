@@ -75,7 +75,7 @@ PRE_TOKENIZER_SPLITS = {
     "falcon3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "megrez": _QWEN2_SPLIT,
 }
 _LLAMA3_PRES = {name for name, split in PRE_TOKENIZER_SPLITS.items() if split is _LLAMA3_SPLIT}
-_GPT2_PRES = (None, "gpt2", "default")
+_GPT2_PRES = (None, "gpt-2", "gpt2", "default")  # llama.cpp names it "gpt-2"
 
 
 def _gguf():
@@ -1156,7 +1156,7 @@ def _pre_name(pre: Optional[dict]) -> Optional[str]:
     if pre is None:
         return None
     if pre.get("type") == "ByteLevel":
-        return "gpt2" if pre.get("use_regex", True) else None
+        return "gpt-2" if pre.get("use_regex", True) else None  # llama.cpp refuses "gpt2"
     if pre.get("type") == "Sequence":
         items = pre.get("pretokenizers", [])
         if (len(items) == 2 and items[0].get("type") == "Split" and items[1].get("type") == "ByteLevel"
