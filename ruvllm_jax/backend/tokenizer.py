@@ -94,6 +94,11 @@ class Tokenizer:
         return cls(tok, **kwargs)
 
     @property
+    def backend(self):
+        """The wrapped `tokenizers.Tokenizer` (what a GGUF export serializes)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 

@@ -1143,7 +1143,7 @@ def _backend_tokenizer(tokenizer):
             return HFTokenizer.from_file(os.fspath(tokenizer))
         except Exception as e:
             raise ModelError(f"cannot read tokenizer {os.fspath(tokenizer)!r}: {e}") from None
-    inner = getattr(tokenizer, "backend", None) or getattr(tokenizer, "_tok", None)
+    inner = getattr(tokenizer, "backend", None)
     tok = inner if isinstance(inner, HFTokenizer) else tokenizer
     if not isinstance(tok, HFTokenizer):
         raise ConfigError(f"tokenizer must be a tokenizers.Tokenizer, a ruvllm_jax Tokenizer or a tokenizer.json path, "
@@ -1305,6 +1305,9 @@ def save_gguf(
         for o in plan:  # one tensor's host copy at a time
             w.write_tensor_data(_file_array(o))
         w.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
