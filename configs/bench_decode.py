@@ -1,4 +1,4 @@
-"""Decode benchmark: ruvllm_jax vs transformers (torch CPU) on the same weights, side by side."""
+"""Decode benchmark: ruvllm_jax vs transformers (torch CPU) vs llama.cpp on the same weights, side by side."""
 
 import ml_collections
 
@@ -8,12 +8,26 @@ def get_config():
     # Which comparisons to run: "qwen_shape" (random weights, Qwen2.5-0.5B dimensions) and/or
     # "embedded" (the model shipped in the package).
     c.models = "qwen_shape,embedded"
+    # Rows, "engine:precision[:gguf]": precision "keep" = what the file holds (ModelConfig.quantization
+    # None); a gguf name (F16, Q8_0, Q4_K_M, Q4_K) means that GGUF of the same model, else the safetensors.
+    c.engines = ",".join([
+        "ruvllm_jax:FP32", "ruvllm_jax:keep:Q8_0", "ruvllm_jax:keep:Q4_K_M", "ruvllm_jax:Q8",
+        "transformers:FP32", "transformers:BF16",
+        "llama.cpp:keep:F16", "llama.cpp:keep:Q8_0", "llama.cpp:keep:Q4_K_M",
+    ])
+    c.embedded_engines = "ruvllm_jax:FP32,ruvllm_jax:Q8,transformers:FP32"
+    # Decode ratios printed and saved: (ours, theirs) as (engine, weights label).
+    c.ratios = [
+        (("ruvllm_jax", "keep (Q8_0)"), ("llama.cpp", "keep (Q8_0)")),
+        (("ruvllm_jax", "keep (Q4_K_M)"), ("llama.cpp", "keep (Q4_K_M)")),
+        (("ruvllm_jax", "FP32 (safetensors)"), ("transformers", "FP32 (safetensors)")),
+        (("ruvllm_jax", "keep (Q8_0)"), ("transformers", "BF16 (safetensors)")),
+    ]
     c.prompt_tokens = 32
     c.new_tokens = 128  # for qwen_shape
     c.embedded_new_tokens = 256
     c.repeats = 3  # median of this many timed runs, after one warm-up
-    c.threads = 2  # torch threads (XLA uses all cores)
-    c.run_transformers = True
+    c.threads = 2  # torch and llama.cpp threads (XLA uses all cores)
     c.seed = 0
     c.output = "experiments/results/bench_decode.json"
     # Qwen2.5-0.5B dimensions.

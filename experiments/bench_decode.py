@@ -1,11 +1,16 @@
-"""Decode throughput of ruvllm_jax against transformers on the same model, in one run.
+"""Decode throughput of ruvllm_jax against transformers and llama.cpp on the same weights, in one run.
 
+    bash experiments/install_bench.sh     # optional: llama-cpp-python built for this CPU
     python experiments/bench_decode.py --config=configs/bench_decode.py
     python experiments/bench_decode.py --config=configs/bench_decode.py --config.models=embedded
 
-For each model: prefill latency of a `prompt_tokens` prompt and greedy decode tokens/s (batch 1,
-median of `repeats` after a warm-up), for ruvllm_jax and transformers (torch CPU, float32). Prints a
-table and writes JSON. Random weights are fine for speed: the work per token does not depend on them.
+For each model and row (`engine:precision[:gguf file]`, see the config): load time, prefill latency
+of a `prompt_tokens` prompt, greedy decode tokens/s (batch 1, median of `repeats` after a warm-up),
+the weights' bytes as kept and the peak RSS from the load through the first generation over them.
+Each row runs in its own process. The GGUF files are written once per run from the same random
+model (F16 and Q8_0 by ruvllm_jax's exporter, Q4_K_M by llama.cpp's quantizer), and every engine
+that reads GGUF reads the very same file. Prints a table and writes JSON. Random weights are fine
+for speed: the work per token does not depend on them.
 """
 
 from __future__ import annotations
@@ -31,17 +36,16 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_ruvllm(folder: str, prompt_ids: list[int], new_tokens: int, repeats: int) -> dict:
+def bench_ruvllm(backend, prompt_ids: list[int], new_tokens: int, repeats: int) -> dict:
+    """Prefill ms and greedy decode tok/s of the one-slot engine `JaxBackend.generate` runs."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from ruvllm_jax.backend import JaxBackend, engine
+    from ruvllm_jax.backend import engine
     from ruvllm_jax.backend.sampling import SamplingParams
-    from ruvllm_jax.types import GenerateParams, ModelConfig
+    from ruvllm_jax.types import GenerateParams
 
-    backend = JaxBackend.new()
-    backend.load_model(folder, ModelConfig(max_context=max(1024, len(prompt_ids) + new_tokens)))
     params, cfg = backend.params, backend.config
     greedy = GenerateParams(max_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0)
     sampling = SamplingParams.from_generate_params(greedy)
@@ -119,12 +123,171 @@ def embedded_model():
     return tf.AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval(), path
 
 
+def _status_gb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+def _rss_gb() -> float:
+    return _status_gb("VmRSS")
+
+
+def _peak_rss_gb() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux keeps that across fork + exec, so a child
+    of a big parent would report the parent's size."""
+    return _status_gb("VmHWM")
+
+
+def child(spec: dict) -> dict:
+    """One row, in its own process so that its peak RSS is its own: load, first generation, timing.
+
+    `peak_over_load` is the peak RSS from just before the load through the first generation, minus
+    the RSS just before it (the interpreter and the engine's libraries), over the bytes of weights
+    the engine keeps: the issue's one-copy target is <= 1.25. `beyond_weights_gb` is the rest: for
+    ruvllm_jax mostly the fixed cost of tracing and compiling the first generation (about 0.3 GB
+    whatever the model's size: the 14 MB embedded model shows it too).
+    """
+    engine_name, path, prompt, new = spec["engine"], spec["path"], spec["prompt"], spec["new_tokens"]
+    repeats, threads = spec["repeats"], spec["threads"]
+    if engine_name == "ruvllm_jax":
+        from ruvllm_jax.backend import JaxBackend
+        from ruvllm_jax.types import ModelConfig, Precision
+
+        backend = JaxBackend.new()
+        q = None if spec["quantization"] is None else Precision[spec["quantization"]]
+        base = _rss_gb()
+        t0 = time.perf_counter()
+        backend.load_model(path, ModelConfig(max_context=max(1024, len(prompt) + new), quantization=q))
+        load_s = time.perf_counter() - t0
+        weights = backend.memory_stats().params_bytes / 1e9
+        out = bench_ruvllm(backend, prompt, new, repeats)
+        out["dtype"] = backend.model_info().dtype
+        from ruvllm_jax.quant import native
+
+        out["native_kernel"] = native.available()
+    elif engine_name == "transformers":
+        import torch
+        import transformers as tf
+
+        torch.set_num_threads(threads)
+        base = _rss_gb()
+        t0 = time.perf_counter()
+        dtype = {"FP32": torch.float32, "BF16": torch.bfloat16}[spec["quantization"]]
+        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        load_s = time.perf_counter() - t0
+        weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+        out = bench_transformers(model, prompt, new, repeats, threads)
+    elif engine_name == "llama.cpp":
+        out, base, load_s, weights = bench_llama_cpp(path, prompt, new, repeats, threads)
+    else:
+        raise ValueError(engine_name)
+    peak = _peak_rss_gb()
+    out.update(load_s=load_s, weights_gb=weights, rss_before_load_gb=base, peak_rss_gb=peak,
+               peak_over_load=(peak - base) / weights if weights else None, beyond_weights_gb=peak - base - weights)
+    return out
+
+
+def bench_llama_cpp(path: str, prompt: list[int], new: int, repeats: int, threads: int):
+    """llama-cpp-python on the GGUF at `path`: prefill of the prompt, then `new - 1` single-token evals."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    base = _rss_gb()
+    t0 = time.perf_counter()
+    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=max(512, len(prompt) + new),
+                n_batch=512, verbose=False)
+    load_s = time.perf_counter() - t0
+
+    def prefill():
+        llm.reset()
+        llm.eval(prompt)
+
+    def generate():
+        prefill()
+        for _ in range(new - 1):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+
+    prefill_s = _median_time(prefill, repeats)
+    total_s = _median_time(generate, repeats)
+    decode_s = max(total_s - prefill_s, 1e-9)
+    import llama_cpp
+
+    weights = sum(t.n_bytes for t in _gguf_tensors(path)) / 1e9
+    out = {"prefill_ms": prefill_s * 1e3, "decode_tok_s": (new - 1) / decode_s, "total_s": total_s,
+           "llama_cpp_python": llama_cpp.__version__, "threads": threads}
+    return out, base, load_s, weights
+
+
+def _gguf_tensors(path: str):
+    import gguf
+
+    return gguf.GGUFReader(path).tensors
+
+
+def run_child(spec: dict) -> dict:
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def make_gguf_files(folder: str, out_dir: str, want: list[str]) -> dict[str, str]:
+    """F16 / Q8_0 GGUFs written by ruvllm_jax's exporter; Q4_K_M by llama.cpp's own quantizer (its
+    mix of Q4_K / Q5_0 / Q6_K / Q8_0), from the F16 file, when llama-cpp-python is installed."""
+    from ruvllm_jax.backend import JaxBackend
+    from ruvllm_jax.models import gguf_io
+
+    backend = JaxBackend.new()
+    backend.load_model(folder)
+    files = {}
+    for qtype in ("F16", "Q8_0"):
+        if qtype in want or (qtype == "F16" and "Q4_K_M" in want):
+            files[qtype] = os.path.join(out_dir, f"model-{qtype}.gguf")
+            gguf_io.save_gguf(backend.params, backend.config, files[qtype], qtype=qtype,
+                              tokenizer=backend.tokenizer(), eos_token_ids=backend.eos_token_ids)
+    if "Q4_K_M" in want:
+        try:
+            import llama_cpp
+        except ImportError:
+            files["Q4_K_M"] = None
+        else:
+            files["Q4_K_M"] = os.path.join(out_dir, "model-Q4_K_M.gguf")
+            qp = llama_cpp.llama_model_quantize_default_params()
+            qp.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+            qp.nthread = 2
+            rc = llama_cpp.llama_model_quantize(files["F16"].encode(), files["Q4_K_M"].encode(), qp)
+            if rc != 0:
+                raise RuntimeError(f"llama_model_quantize failed with {rc}")
+    if "Q4_K" in want:
+        files["Q4_K"] = os.path.join(out_dir, "model-Q4_K.gguf")
+        gguf_io.save_gguf(backend.params, backend.config, files["Q4_K"], qtype="Q4_K",
+                          tokenizer=backend.tokenizer(), eos_token_ids=backend.eos_token_ids)
+    return files
+
+
+def _type_mix(path: str) -> str:
+    """Bytes per GGML type in a GGUF, largest first: what a "Q4_K_M" file really holds."""
+    counts: dict[str, int] = {}
+    for t in _gguf_tensors(path):
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    total = sum(counts.values())
+    return ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def main(argv):
     del argv
     c = _CONFIG.value
     import numpy as np
 
-    rows = []
+    rows, mixes = [], {}
     for name in [m.strip() for m in c.models.split(",") if m.strip()]:
         with tempfile.TemporaryDirectory() as tmp:
             if name == "qwen_shape":
@@ -134,32 +297,78 @@ def main(argv):
             else:
                 raise app.UsageError(f"unknown model {name!r}; expected qwen_shape or embedded")
             vocab = model.config.vocab_size
+            del model  # every row loads its own copy in a child process
             prompt = np.random.default_rng(c.seed).integers(3, vocab, c.prompt_tokens).tolist()
-            result = {"model": name, "prompt_tokens": c.prompt_tokens, "new_tokens": new_tokens}
-            result["ruvllm_jax"] = bench_ruvllm(folder, prompt, new_tokens, c.repeats)
-            if c.run_transformers:
-                result["transformers"] = bench_transformers(model, prompt, new_tokens, c.repeats, c.threads)
-                result["decode_speedup"] = result["ruvllm_jax"]["decode_tok_s"] / result["transformers"]["decode_tok_s"]
-                result["prefill_speedup"] = result["transformers"]["prefill_ms"] / result["ruvllm_jax"]["prefill_ms"]
-            del model
-            rows.append(result)
+            engines = [e.strip() for e in (c.engines if name == "qwen_shape" else c.embedded_engines).split(",")]
+            gguf_dir = os.path.join(tmp, "gguf")
+            os.makedirs(gguf_dir, exist_ok=True)
+            wanted = sorted({e.split(":")[2] for e in engines if e.count(":") == 2})
+            files = make_gguf_files(folder, gguf_dir, wanted) if wanted else {}
+            for f, path in files.items():
+                if path:
+                    mixes[f"{name} {f}"] = _type_mix(path)
+            for e in engines:
+                engine_name, quant, *src = e.split(":")
+                path = folder if not src else files.get(src[0])
+                label = f"{quant} ({src[0] if src else 'safetensors'})"
+                spec = {"engine": engine_name, "path": path, "quantization": None if quant == "keep" else quant,
+                        "prompt": prompt, "new_tokens": new_tokens, "repeats": c.repeats, "threads": c.threads}
+                if path is None:
+                    r = {"error": "llama-cpp-python is not installed (bash experiments/install_bench.sh)"}
+                else:
+                    print(f"running {name} {engine_name} {label} ...", flush=True)
+                    r = run_child(spec)
+                rows.append({"model": name, "engine": engine_name, "weights": label, "prompt_tokens": c.prompt_tokens,
+                             "new_tokens": new_tokens, **r})
 
-    print(f"\n{'model':12s} {'engine':14s} {'prefill ms':>11s} {'decode tok/s':>13s}")
+    by_model: dict[str, dict] = {}
     for r in rows:
-        for eng in ("ruvllm_jax", "transformers"):
-            if eng in r:
-                print(f"{r['model']:12s} {eng:14s} {r[eng]['prefill_ms']:11.1f} {r[eng]['decode_tok_s']:13.1f}")
-        if "decode_speedup" in r:
-            print(f"{r['model']:12s} {'ratio':14s} {r['prefill_speedup']:10.2f}x {r['decode_speedup']:12.2f}x")
-    out = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
-           "config": c.to_dict(), "results": rows}
+        by_model.setdefault(r["model"], {})[(r["engine"], r["weights"])] = r
+    print(f"\n{'model':11s} {'engine':13s} {'weights':26s} {'prefill ms':>10s} {'decode tok/s':>12s} "
+          f"{'weights GB':>10s} {'peak/weights':>12s} {'beyond GB':>9s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:11s} {r['engine']:13s} {r['weights']:26s} error: {r['error']}")
+            continue
+        print(f"{r['model']:11s} {r['engine']:13s} {r['weights']:26s} {r['prefill_ms']:10.1f} "
+              f"{r['decode_tok_s']:12.1f} {r['weights_gb']:10.3f} {r['peak_over_load'] or float('nan'):12.2f} "
+              f"{r['beyond_weights_gb']:9.3f}")
+    ratios = {}
+    for model, got in by_model.items():
+        for ours, theirs in c.ratios:
+            a, b = got.get(tuple(ours)), got.get(tuple(theirs))
+            if a and b and "decode_tok_s" in a and "decode_tok_s" in b:
+                key = f"{model}: {ours[0]} {ours[1]} / {theirs[0]} {theirs[1]}"
+                ratios[key] = a["decode_tok_s"] / b["decode_tok_s"]
+                print(f"{key}: {ratios[key]:.2f}x")
+    for k, v in mixes.items():
+        print(f"{k}: {v}")
+    out = {"machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count()},
+           "config": c.to_dict(), "results": rows, "decode_ratios": ratios, "gguf_type_mix": mixes}
     os.makedirs(os.path.dirname(c.output) or ".", exist_ok=True)
     with open(c.output, "w") as f:
         json.dump(out, f, indent=2)
     print(f"\nwrote {c.output}")
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+        name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+        simd = [x for x in flags if x in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")]
+        return f"{name} ({' '.join(simd)})"
+    except OSError:
+        return platform.processor()
+
+
 if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        print(json.dumps(child(json.loads(sys.argv[2]))))
+        sys.exit(0)
     # Defined here, not at import: other experiments import this module (`qwen_shape_model`), and a
     # second definition of the flag would raise DuplicateFlagError.
     _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_decode.py", "Benchmark config.")
