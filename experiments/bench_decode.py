@@ -111,6 +111,12 @@ def qwen_shape_model(c, tmp: str):
     cfg = tf.Qwen2Config(**c.qwen.to_dict())
     model = tf.Qwen2ForCausalLM(cfg).eval().float()
     model.save_pretrained(tmp)
+    import shutil
+
+    from ruvllm_jax.backend.jax_backend import default_model_path
+
+    # Any tokenizer (the benchmark feeds token ids): a GGUF needs one for llama.cpp to load it.
+    shutil.copy(os.path.join(default_model_path(), "tokenizer.json"), tmp)
     return model
 
 

@@ -420,7 +420,7 @@ def main() -> None:
     doc = dict(
         what=("quantized matrix-vector products, jitted single calls, best of rounds; G weights/s = rows*cols/s;"
               " hot: back to back on one weight, cold: rotating over weights that overflow the LLC twice"),
-        jax=jax.__version__, cpu=cpu_info(), native=dict(simd=kernel.simd, flags=list(native.BASE_FLAGS)),
+        jax=jax.__version__, cpu=cpu_info(), native=dict(simd=kernel.simd, compile=list(kernel.compile_flags)),
         ggml_threads=[g.n_threads for g in ggmls], rounds=args.rounds,
         time=time.strftime("%Y-%m-%d %H:%M:%S"), results=results, decode_stack=stack,
     )

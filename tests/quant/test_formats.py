@@ -218,13 +218,15 @@ def test_random_valid_blocks_decode_bit_equal(name):
     np.testing.assert_array_equal(bits(jnp_decode(data, name, cols)), bits(ref))
 
 
-@pytest.mark.parametrize("name", NAMES)
+# gguf has no quantizer for some formats (Q6_K in gguf 0.19): the random-blocks test covers those.
+GGUF_QUANTIZABLE = [n for n in NAMES if gguf_quantize(np.ones((1, 256), np.float32), n) is not None]
+
+
+@pytest.mark.parametrize("name", GGUF_QUANTIZABLE)
 def test_gguf_quantized_bytes_decode_bit_equal(name):
-    """Blocks written by gguf's quantizer, where it has one (else the random-blocks test covers the format)."""
+    """Blocks written by gguf's quantizer, for the formats it has one for."""
     w = np.random.default_rng(4).standard_normal((3, 512)).astype(np.float32)
     data = gguf_quantize(w, name)
-    if data is None:
-        pytest.skip(f"gguf {name} has no quantizer; random valid blocks cover it")
     ref = gguf_dequantize(data, name)
     np.testing.assert_array_equal(bits(dequantize(QuantizedTensor(data, name, w.shape))), bits(ref))
     np.testing.assert_array_equal(bits(jnp_decode(data, name, 512)), bits(ref))
