@@ -78,11 +78,12 @@ _default_tried = False
 class NativeKernel:
     """One built, loaded and registered variant of the library."""
 
-    def __init__(self, path: str, target: str, simd: int, flags: tuple[str, ...]):
+    def __init__(self, path: str, target: str, simd: int, flags: tuple[str, ...], compile_flags: tuple[str, ...]):
         self.path = path
         self.target = target
         self.simd = simd  # 2: AVX2 path compiled in, 0: scalar
-        self.flags = flags
+        self.flags = flags  # the extra flags asked for
+        self.compile_flags = compile_flags  # everything the compiler was given
 
     def matmul(self, x: jax.Array, w: QuantizedTensor, *, max_threads: int = 0) -> jax.Array:
         """x [..., cols] float32 @ dequant(w).T -> [..., rows] float32; see the module docstring."""
@@ -199,7 +200,7 @@ def _build(extra: tuple[str, ...]) -> NativeKernel:
     with _lock:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.RuvllmQuantMatmul), platform="cpu")
     lib.RuvllmQuantMatmulSimd.restype = ctypes.c_int
-    kernel = NativeKernel(path, target, int(lib.RuvllmQuantMatmulSimd()), extra)
+    kernel = NativeKernel(path, target, int(lib.RuvllmQuantMatmulSimd()), extra, (*cxx, *flags))
     kernel._lib = lib  # keep the library loaded as long as the kernel lives
     return kernel
 
