@@ -35,9 +35,8 @@ def stream_generation(
     backend = JaxBackend.new()
     backend.load_model(model or None, ModelConfig(max_context=max_context, quantization=precision))
     info = backend.model_info()
-    print(f"[ruvllm-jax] {info.name}: {info.num_parameters / 1e6:.1f}M params ({info.dtype}) "
-          f"on {backend.device()} "
-          f"(loaded in {time.perf_counter() - t0:.1f}s)", file=err)
+    print(f"[ruvllm-jax] {info.name}: {info.num_parameters / 1e6:.1f}M params on {backend.device()} "
+          f"(loaded in {time.perf_counter() - t0:.1f}s; weights {info.dtype})", file=err)
     pieces: list[str] = []
 
     def emit(piece: str) -> bool:

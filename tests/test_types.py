@@ -114,7 +114,7 @@ def test_generate_params_edge_values_are_accepted():
 
 def test_model_config_defaults_and_validation():
     c = ModelConfig()
-    assert c.max_context == 4096 and c.quantization is Precision.FP32 and c.use_flash_attention
+    assert c.max_context == 4096 and c.quantization is None and c.use_flash_attention
     assert c.kv_cache_config is None  # the exact contiguous cache; the lossy two-tier one is opt-in
     with pytest.raises(ConfigError, match="max_context"):
         ModelConfig(max_context=0)
@@ -133,7 +133,7 @@ def test_memory_stats_total():
 @pytest.mark.parametrize("field, value", [
     ("max_context", True), ("max_context", 2.0), ("max_context", -5), ("max_context", None),
     ("use_flash_attention", "yes"), ("use_flash_attention", 1), ("use_flash_attention", None),
-    ("quantization", None), ("quantization", "fp32"),
+    ("quantization", "fp32"),
     ("kv_cache_config", {"tail_length": 8}), ("kv_cache_config", "q4"),
     ("device", "cuda"), ("device", 0), ("device", jax.devices("cpu")[0]),
     ("hf_token", 123), ("hf_token", b"token"),

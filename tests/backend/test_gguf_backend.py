@@ -15,10 +15,10 @@ import pytest
 
 from ruvllm_jax import JaxBackend, ModelConfig, Precision
 from ruvllm_jax.errors import KvCacheError, ModelError
-from ruvllm_jax.models import gguf_io, loader
+from ruvllm_jax.models import gguf_io, loader, weights_io
 from ruvllm_jax.quant.tensor import QuantizedTensor
 from ruvllm_jax.testing import build_hf_model, rng_tokens, save_hf_model
-from ruvllm_jax.types import GenerateParams, KvCacheConfig
+from ruvllm_jax.types import GenerateParams
 
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
@@ -101,7 +101,15 @@ def test_a_failed_gguf_load_keeps_the_model_that_was_there(gguf_files, tmp_path)
         bad.write_bytes(f.read(5000))
     with pytest.raises(ModelError):
         b.load_model(str(bad))
-    # A two-tier cache the model cannot use is refused before any weight is read.
-    with pytest.raises(KvCacheError):
-        b.load_model(files["Q8_0"], ModelConfig(kv_cache_config=KvCacheConfig(tail_length=64, migration_batch=48)))
     assert b.params is before
+
+
+def test_the_callers_config_check_runs_before_any_weight_is_read(gguf_files, monkeypatch):
+    _, files = gguf_files
+
+    def refuse(cfg):
+        raise KvCacheError(f"refused {cfg.model_type}")
+
+    monkeypatch.setattr(weights_io, "materialize", lambda *a, **k: pytest.fail("a weight was read"))
+    with pytest.raises(KvCacheError, match="refused"):
+        gguf_io.load_gguf(files["Q8_0"], check_config=refuse)
