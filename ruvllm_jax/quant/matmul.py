@@ -15,12 +15,14 @@ On CPU the native kernel (`ruvllm_jax.quant.native`), when built, is faster stil
 
 from __future__ import annotations
 
+import functools
 import math
 from types import ModuleType
 from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ruvllm_jax.errors import ConfigError
 from ruvllm_jax.quant.formats import dequantize_rows_jnp
@@ -113,7 +115,26 @@ def quantized_matmul(x: jax.Array, w: QuantizedTensor, impl: str = "auto") -> ja
     _check_x(x, w)
     lead = x.shape[:-1]
     x2 = jnp.asarray(x, jnp.float32).reshape(math.prod(lead), w.shape[1])
-    return _native().matmul(x2, w).reshape(*lead, w.shape[0])
+    return _native_product(x2, jnp.asarray(w.data), w.qtype, w.shape).reshape(*lead, w.shape[0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _native_product(x2: jax.Array, data: jax.Array, qtype: str, shape: tuple[int, int]) -> jax.Array:
+    """The native kernel, differentiable in x (LoRA and SONA train adapters over a quantized model):
+    the backward product g @ dequantize(w) runs in jnp. The blocks get no gradient."""
+    return _native().matmul(x2, QuantizedTensor(data, qtype, shape))
+
+
+def _native_product_fwd(x2, data, qtype, shape):
+    return _native_product(x2, data, qtype, shape), data
+
+
+def _native_product_bwd(qtype, shape, data, g):
+    dx = jax.lax.dot_general(g, dequantize_rows_jnp(data, qtype, shape[1]), (((1,), (0,)), ((), ())))
+    return dx, np.zeros(data.shape, jax.dtypes.float0)
+
+
+_native_product.defvjp(_native_product_fwd, _native_product_bwd)
 
 
 def embed_rows(table: Union[QuantizedTensor, jax.Array], tokens) -> jax.Array:

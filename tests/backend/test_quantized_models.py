@@ -121,3 +121,19 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_adapters_train_over_a_quantized_model(model_folder):
+    """MicroLoRA's gradient flows through the quantized linears (the native kernel's backward is jnp)."""
+    from ruvllm_jax import AdaptFeedback, MicroLoRA
+
+    _, folder = model_folder
+    b = JaxBackend()
+    b.load_model(folder, ModelConfig(quantization=Precision.Q8))
+    lora = MicroLoRA.for_model(b.config, optimizer="adam")
+    prompt, response = [5, 9, 12, 40], [77, 3, 101, 64, 8]
+    before = lora.log_likelihood(b.params, prompt, response)
+    for _ in range(5):
+        lora.adapt_sequence(b.params, prompt, response, AdaptFeedback(quality=1.0, reward=1.0))
+        lora.apply_updates(0.05)
+    assert lora.log_likelihood(b.params, prompt, response) > before + 0.5

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ruvllm_jax.errors import ConfigError
-from ruvllm_jax.quant import FORMATS, QuantizedTensor, embed_rows, quantize, quantized_matmul
+from ruvllm_jax.quant import FORMATS, QuantizedTensor, dequantize, embed_rows, quantize, quantized_matmul
 from ruvllm_jax.quant import matmul as qmm
 from ruvllm_jax.quant.matmul import cpu_chunk_rows, quantized_matmul_jnp
 
@@ -208,3 +208,21 @@ def test_embed_rows_of_plain_arrays_casts_to_float32():
     out = embed_rows(jnp.asarray(table), jnp.array([3, 3, 9]))
     chex.assert_type(out, jnp.float32)
     np.testing.assert_array_equal(np.asarray(out), table[[3, 3, 9]].astype(np.float32))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_native_product_is_differentiable_in_x(qtype):
+    """Adapters train over a quantized model: d/dx of c . (x @ W.T) is c @ W with W the blocks' values,
+    the same for the native forward as for the jnp one."""
+    if not qmm.native_available():
+        pytest.skip("no native kernel on this machine (no compiler): the jnp path is the one in use")
+    rng = np.random.default_rng(9)
+    qt = quantize(rng.standard_normal((48, 256)).astype(np.float32), qtype)
+    qt = QuantizedTensor(jnp.asarray(qt.data), qt.qtype, qt.shape)
+    x = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
+    c = jnp.asarray(rng.standard_normal((3, 48)), jnp.float32)
+    grads = {impl: jax.jit(jax.grad(lambda x, impl=impl: (quantized_matmul(x, qt, impl=impl) * c).sum()))(x)
+             for impl in ("jnp", "native")}
+    want = np.asarray(c, np.float64) @ dequantize(QuantizedTensor(np.asarray(qt.data), qtype, qt.shape))
+    np.testing.assert_allclose(grads["native"], want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(grads["jnp"], want, rtol=1e-5, atol=1e-4)
