@@ -95,11 +95,10 @@ def load_params(
                 f"tensor {name!r} in {file.path!r} has dtype {file.dtype(name)}, expected one of {FLOAT_DTYPES}"
             )
         stored = file.shape(name)
-        src = weights_io.file_rows(file.path, file.data_offset(name), name, file.dtype(name),
-                                   (1, stored[0]) if len(stored) == 1 else tuple(stored) if len(stored) == 2
-                                   else (-1, -1))
         if len(stored) not in (1, 2):
             raise ModelError(f"tensor {name!r} has shape {list(stored)}, expected {list(shape)} for this config")
+        rows_cols = (1, stored[0]) if len(stored) == 1 else tuple(stored)
+        src = weights_io.file_rows(file.path, file.data_offset(name), name, file.dtype(name), rows_cols)
         weights_io.check_shape(src, shape, file.path)
         return src
 

@@ -16,7 +16,6 @@ kind the caller asks for.
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from typing import Callable, Optional, Sequence, Union
 
@@ -33,7 +32,6 @@ CHUNK_BYTES = 32 << 20  # rows read, converted and written per step of a load
 FLOAT_KINDS = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
 _READ_ONLY_KINDS = {"F64": np.dtype(np.float64)}  # read from files, never kept
 Kind = str  # "F32" | "F16" | "BF16" | a block format name in `FORMATS`
-Weight = Union[jax.Array, QuantizedTensor, tuple]
 
 
 def _float_dtype(kind: Kind) -> np.dtype:
@@ -215,10 +213,6 @@ def materialize_vector(parts: Sequence[RowSource], device=None, kind: Kind = "F3
     return jax.device_put(out, device)
 
 
-def stored_kind(parts: Sequence[RowSource]) -> Optional[Kind]:
-    """The one kind all parts are stored in, or None when they differ."""
-    kinds = {p.kind for p in parts}
-    return kinds.pop() if len(kinds) == 1 else None
 
 
 def check_shape(src: RowSource, shape: tuple[int, ...], where: str) -> None:
@@ -226,7 +220,3 @@ def check_shape(src: RowSource, shape: tuple[int, ...], where: str) -> None:
     if tuple(src.shape) != want:
         shown = [src.shape[1]] if src.shape[0] == 1 and len(shape) == 1 else list(src.shape)
         raise ModelError(f"tensor {src.name!r} in {where!r} has shape {shown}, expected {list(shape)} for this config")
-
-
-def file_size(path: str) -> int:
-    return os.path.getsize(path)

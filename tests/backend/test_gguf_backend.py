@@ -12,6 +12,8 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
+import transformers as tf
 
 from ruvllm_jax import JaxBackend, ModelConfig, Precision
 from ruvllm_jax.errors import KvCacheError, ModelError
@@ -19,10 +21,6 @@ from ruvllm_jax.models import gguf_io, loader, weights_io
 from ruvllm_jax.quant.tensor import QuantizedTensor
 from ruvllm_jax.testing import build_hf_model, rng_tokens, save_hf_model
 from ruvllm_jax.types import GenerateParams
-
-gguf = pytest.importorskip("gguf")
-torch = pytest.importorskip("torch")
-tf = pytest.importorskip("transformers")
 
 GREEDY = GenerateParams(max_tokens=24, temperature=0.0, repetition_penalty=1.0)
 

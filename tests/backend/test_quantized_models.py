@@ -8,10 +8,14 @@ within that rounding.
 
 from __future__ import annotations
 
+import contextlib
+
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from ruvllm_jax import JaxBackend, ModelConfig, Precision
 from ruvllm_jax.kernels import KernelOptions
@@ -20,9 +24,6 @@ from ruvllm_jax.quant import matmul as qmatmul
 from ruvllm_jax.quant.tensor import QuantizedTensor, is_weight_leaf
 from ruvllm_jax.testing import build_hf_model, rng_tokens, save_hf_model
 from ruvllm_jax.types import GenerateParams
-
-gguf = pytest.importorskip("gguf")
-torch = pytest.importorskip("torch")
 
 # Rows of 256 and 512 columns: every format applies, Q4_K included (256-weight super-blocks).
 DIMS = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
@@ -105,7 +106,7 @@ def test_quantized_generation_runs_the_engine_and_greedy_text_tracks_fp32():
     out = {}
     for precision in (Precision.FP32, Precision.Q8):
         b = JaxBackend()
-        with pytest.warns(UserWarning, match="stay float32") if precision is Precision.Q8 else _null():
+        with pytest.warns(UserWarning, match="stay float32") if precision is Precision.Q8 else contextlib.nullcontext():
             b.load_model(None, ModelConfig(quantization=precision))
         b.eos_token_ids = ()
         ids = b.tokenizer().encode(prompt)
@@ -114,13 +115,6 @@ def test_quantized_generation_runs_the_engine_and_greedy_text_tracks_fp32():
     same = next((i for i, (a, c) in pairs if a != c), 48)
     assert same == 48, (same, out)
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_adapters_train_over_a_quantized_model(model_folder):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import gguf
 import jax
 import ml_dtypes
 import numpy as np
@@ -20,8 +21,6 @@ import pytest
 from ruvllm_jax.errors import ModelError
 from ruvllm_jax.models import weights_io
 from ruvllm_jax.quant.tensor import QuantizedTensor
-
-gguf = pytest.importorskip("gguf")
 
 
 def _write(tmp_path, name: str, a: np.ndarray) -> str:

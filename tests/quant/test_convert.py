@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import warnings
 
+import gguf.quants as gguf_quants
 import ml_dtypes
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType  # noqa: E402
 
 from ruvllm_jax.errors import ConfigError
 from ruvllm_jax.quant import QuantizedTensor, quantize, to_precision
 from ruvllm_jax.quant.convert import format_for, precision_of_format
 from ruvllm_jax.types import Precision
-
-gguf_quants = pytest.importorskip("gguf.quants")
-from gguf import GGMLQuantizationType  # noqa: E402
 
 
 def gguf_quantize(w, name):

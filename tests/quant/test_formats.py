@@ -8,18 +8,17 @@ random valid blocks. Round trips are checked against the bounds `ruvllm_jax.quan
 from __future__ import annotations
 
 import chex
+import gguf.quants as gguf_quants
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ruvllm_jax.errors import ConfigError
 from ruvllm_jax.quant import FORMATS, QuantizedTensor, dequantize, dequantize_rows_jnp, quantize
-
-gguf_quants = pytest.importorskip("gguf.quants")
-from gguf import GGMLQuantizationType  # noqa: E402  (after the importorskip)
 
 NAMES = list(FORMATS)
 EXACT_QUANTIZERS = ["Q8_0", "Q4_1", "Q5_0"]  # ours follows ggml's reference quantizer byte for byte

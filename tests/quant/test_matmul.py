@@ -5,19 +5,18 @@ from __future__ import annotations
 import sys
 
 import chex
+import gguf.quants as gguf_quants
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType  # noqa: E402
 
 from ruvllm_jax.errors import ConfigError
 from ruvllm_jax.quant import FORMATS, QuantizedTensor, dequantize, embed_rows, quantize, quantized_matmul
 from ruvllm_jax.quant import matmul as qmm
 from ruvllm_jax.quant.matmul import cpu_chunk_rows, quantized_matmul_jnp
-
-gguf_quants = pytest.importorskip("gguf.quants")
-from gguf import GGMLQuantizationType  # noqa: E402
 
 NAMES = list(FORMATS)
 ROWS, COLS = 24, 512

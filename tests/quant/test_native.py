@@ -25,8 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 
