@@ -247,6 +247,10 @@ class ModelConfig:
     key and value in a full-precision contiguous cache, exact against transformers. A
     `KvCacheConfig` turns on the lossy two-tier quantized cache (its `num_kv_heads`/`head_dim`
     are replaced by the model's), bounded in memory by its `max_tokens`.
+
+    `mesh_shape` (data, model) lays the model out over data * model devices (`ruvllm_jax.sharding`:
+    heads and MLP columns over `model`, batches over `data`); None (the default) is one device,
+    `device`. The heads must divide over `model` (`ConfigError` at load otherwise).
     """
 
     max_context: int = 4096
@@ -255,8 +259,18 @@ class ModelConfig:
     kv_cache_config: Optional[KvCacheConfig] = None
     device: Optional[DeviceType] = None  # None = best present
     hf_token: Optional[str] = None
+    mesh_shape: Optional[tuple[int, int]] = None
 
     def __post_init__(self):
+        if self.mesh_shape is not None:
+            shape = self.mesh_shape
+            if (not isinstance(shape, (tuple, list)) or len(shape) != 2
+                    or not all(_is_int(n) and n >= 1 for n in shape)):
+                raise ConfigError(f"mesh_shape must be None or (data, model), two ints >= 1, got {shape!r}")
+            object.__setattr__(self, "mesh_shape", (int(shape[0]), int(shape[1])))
+            if self.device is not None:
+                raise ConfigError(f"pass either device={self.device} (one device) or mesh_shape={self.mesh_shape}, "
+                                  "not both")
         if not _is_int(self.max_context) or self.max_context <= 0:
             raise ConfigError(f"max_context must be an int > 0, got {self.max_context!r}")
         if not isinstance(self.use_flash_attention, bool):

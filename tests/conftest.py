@@ -40,6 +40,10 @@ def _private_test_cache_dir() -> str:
 
 os.environ.setdefault("RUVLLM_JAX_CACHE_DIR", _private_test_cache_dir())
 
+# tests/multidevice needs 8 virtual devices, so it runs in a pytest process of its own, started by
+# tests/test_multidevice.py with RUVLLM_JAX_MULTIDEVICE=1; this process has one device.
+collect_ignore = [] if os.environ.get("RUVLLM_JAX_MULTIDEVICE") else ["multidevice"]
+
 
 @pytest.fixture(scope="session", params=["llama", "qwen2", "mistral"])
 def hf_model_dir(request, tmp_path_factory):

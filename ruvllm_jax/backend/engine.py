@@ -32,6 +32,7 @@ from ruvllm_jax.errors import ConfigError, GenerationError, KvCacheError
 from ruvllm_jax.kernels import KernelOptions
 from ruvllm_jax.models import llama
 from ruvllm_jax.models.config import LlamaConfig
+from ruvllm_jax.sharding import ModelSharding
 from ruvllm_jax.types import SEED_LIMIT, KvCacheConfig
 
 DEFAULT_CHUNK = 32
@@ -291,6 +292,19 @@ class EngineConfig:
         return max(self.blocks_per_seq, min(self.max_slots * self.blocks_per_seq, cap))
 
 
+def mesh_layout(cfg: LlamaConfig, config: "EngineConfig") -> Optional[ModelSharding]:
+    """The layout of an engine whose kernel options name a mesh (None on one device)."""
+    mesh = config.kernel.mesh
+    return None if mesh is None else ModelSharding.create(cfg, mesh)
+
+
+def _keep_layout(state: DecodeState, cfg: LlamaConfig, config: "EngineConfig") -> DecodeState:
+    """On a mesh, pin the state a step returns to the layout it came in with (slots over `data`, KV
+    heads over `model`), so the next step's arguments match the executable it already compiled."""
+    layout = mesh_layout(cfg, config)
+    return state if layout is None else layout.constrain(state, layout.state_shardings(state))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "config", "with_context"), donate_argnames=("state",))
 def prefill_slots(params, state: DecodeState, slots, tokens, lengths, starts, presence, sampling: SamplingParams,
                   rngs, max_tokens, eos_ids, tables, adapters, *, cfg: LlamaConfig, config: EngineConfig,
@@ -317,7 +331,7 @@ def prefill_slots(params, state: DecodeState, slots, tokens, lengths, starts, pr
     def put(x, value):
         return x.at[slots].set(value.astype(x.dtype), mode="drop")
 
-    return state.replace(
+    return _keep_layout(state.replace(
         cache=cache,
         token=put(state.token, token),
         position=put(state.position, starts + lengths),
@@ -326,7 +340,7 @@ def prefill_slots(params, state: DecodeState, slots, tokens, lengths, starts, pr
         rng=state.rng.at[slots].set(rngs, mode="drop"),
         remaining=put(state.remaining, max_tokens - 1),
         sampling=jax.tree_util.tree_map(put, state.sampling, sampling),
-    )
+    ), cfg, config)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "config"), donate_argnames=("state",))
@@ -339,7 +353,7 @@ def generate_slots(params, state: DecodeState, tables, eos_ids, limit, adapters,
                                     kernel=config.kernel)
     if config.layout == "paged":
         state = state.replace(cache=state.cache.with_tables(parked))
-    return state, out, count
+    return _keep_layout(state, cfg, config), out, count
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -383,7 +397,10 @@ class Engine:
             sampling=SamplingParams.create().broadcast(s),
         )
         # Committed to the device like every state a step returns: an uncommitted first state
-        # would make the first prefill compile a second executable.
+        # would make the first prefill compile a second executable. On a mesh: the layout's shardings.
+        layout = mesh_layout(self.cfg, c)
+        if layout is not None:
+            return jax.device_put(state, layout.state_shardings(state))
         return jax.device_put(state, jax.devices()[0] if device is None else device)
 
     def prefill(self, params, state: DecodeState, slots, tokens, lengths, *, sampling: SamplingParams, rngs,

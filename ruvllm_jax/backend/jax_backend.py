@@ -32,6 +32,7 @@ from ruvllm_jax.kernels import KernelOptions
 from ruvllm_jax.models import loader
 from ruvllm_jax.models.config import LlamaConfig
 from ruvllm_jax.quant.tensor import weight_stats
+from ruvllm_jax.sharding import ModelSharding, make_mesh, per_device_bytes
 from ruvllm_jax.types import DeviceType, GenerateParams, MemoryStats, ModelConfig, ModelInfo, ModelSize, Precision
 
 _STORAGE_DTYPES = {Precision.FP32: jnp.float32, Precision.FP16: jnp.float16, Precision.BF16: jnp.bfloat16}
@@ -53,6 +54,7 @@ class _Loaded:
     eos_ids: tuple[int, ...]
     path: str
     name: str
+    layout: Optional[ModelSharding] = None  # the mesh layout (ModelConfig.mesh_shape), None on one device
 
 
 class JaxBackend:
@@ -111,21 +113,30 @@ class JaxBackend:
         # must leave the backend as it was.
         device = self._device if config.device is None else config.device
         jax_device = self._jax_device if device == self._device else device.to_jax()
+        mesh = None if config.mesh_shape is None else make_mesh(config.mesh_shape)
+        layouts = []  # the mesh layout, made once the config is known and checked
+
+        def check(c: LlamaConfig) -> None:
+            self._check_load_config(c, config)
+            if mesh is not None:
+                layouts.append(ModelSharding.create(c, mesh))  # heads that cannot split fail here
+
         model_id = default_model_path() if model_id_or_path is None else model_id_or_path
         path = loader.resolve_model_path(model_id, hf_token=config.hf_token)
         if path.endswith(".gguf"):
             from ruvllm_jax.models import gguf_io
 
             cfg, params, tokenizer, eos_ids = gguf_io.load_gguf(
-                path, quantization=config.quantization, device=jax_device,
-                check_config=lambda c: self._check_load_config(c, config))
+                path, quantization=config.quantization, device=jax_device, check_config=check,
+                layout=None if mesh is None else (lambda c: layouts[0]))
         else:
             cfg = loader.load_config(path)
-            self._check_load_config(cfg, config)
+            check(cfg)
             quantized = config.quantization is not None and config.quantization.is_quantized
             dtype = jnp.float32 if quantized else _STORAGE_DTYPES[config.quantization or Precision.FP32]
             params = loader.load_params(path, cfg, dtype=dtype, device=jax_device,
-                                        quantization=config.quantization if quantized else None)
+                                        quantization=config.quantization if quantized else None,
+                                        layout=layouts[0] if layouts else None)
             tok_path = os.path.join(path, "tokenizer.json")
             gen_cfg = loader.load_generation_config(path, cfg)
             eos = gen_cfg.get("eos_token_id", list(cfg.eos_token_ids))
@@ -137,7 +148,7 @@ class JaxBackend:
         is_hub_id = not os.path.exists(os.path.expanduser(model_id))
         name = model_id if is_hub_id else os.path.basename(path.rstrip(os.sep))
         self._device, self._jax_device = device, jax_device
-        self._model = _Loaded(params, cfg, config, tokenizer, eos_ids, path, name)
+        self._model = _Loaded(params, cfg, config, tokenizer, eos_ids, path, name, layouts[0] if layouts else None)
         self._sessions_engine = None  # sessions belong to the model they were opened on
 
     @staticmethod
@@ -217,10 +228,30 @@ class JaxBackend:
         )
 
     def memory_stats(self) -> MemoryStats:
-        """Bytes of the params on device and of the KV cache of the latest generation."""
+        """Bytes of the params (whole arrays, however sharded) and of the KV cache of the latest
+        generation; `device` names the mesh when the model is sharded (`params_bytes_per_device`
+        gives each device's share)."""
         leaves = [] if self._model is None else jax.tree_util.tree_leaves(self._model.params)
+        layout = None if self._model is None else self._model.layout
+        where = str(self._device) if layout is None else (
+            f"mesh data={layout.data} x model={layout.model} of {self._device.kind}")
         return MemoryStats(params_bytes=int(sum(x.nbytes for x in leaves)), cache_bytes=int(self._last_cache_bytes),
-                           device=str(self._device))
+                           device=where)
+
+    def params_bytes_per_device(self) -> dict[str, int]:
+        """Bytes of the params each device holds (its shards), by device name."""
+        return per_device_bytes(self._require().params)
+
+    @property
+    def mesh(self):
+        """The `jax.sharding.Mesh` the model is laid out on, None on one device."""
+        layout = self.layout
+        return None if layout is None else layout.mesh
+
+    @property
+    def layout(self) -> Optional[ModelSharding]:
+        """The model's `ruvllm_jax.sharding.ModelSharding` on its mesh, None on one device."""
+        return self._require().layout
 
     def _require(self) -> _Loaded:
         if self._model is None:
@@ -230,7 +261,9 @@ class JaxBackend:
     def _kernel_options(self) -> KernelOptions:
         """ModelConfig.use_flash_attention: the kernels' dispatch ("auto": Pallas on GPU/TPU), or
         plain jnp attention everywhere when False."""
-        return KernelOptions(impl="auto" if self._require().model_config.use_flash_attention else "jnp")
+        m = self._require()
+        return KernelOptions(impl="auto" if m.model_config.use_flash_attention else "jnp",
+                             mesh=None if m.layout is None else m.layout.mesh)
 
     def max_context(self) -> int:
         """The longest prompt + generation this backend accepts: ModelConfig.max_context, capped by
@@ -327,8 +360,10 @@ class JaxBackend:
 
     def _serving_engine(self, config: engine.EngineConfig) -> ServingEngine:
         m = self._require()
+        if m.layout is not None and config.kernel.mesh != m.layout.mesh:
+            config = dataclasses.replace(config, kernel=dataclasses.replace(config.kernel, mesh=m.layout.mesh))
         return ServingEngine(engine.Engine(m.cfg, config), m.params, eos_ids=m.eos_ids,
-                             adapters=lambda: self.adapters, device=self._jax_device)
+                             adapters=lambda: self.adapters, device=self._jax_device if m.layout is None else None)
 
     def _token_stream(self, ids: list[int], params: GenerateParams, stream: bool) -> Iterator[int]:
         """Tokens of a request `_check_request` accepted, on a one-slot engine sized for it."""

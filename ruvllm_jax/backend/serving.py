@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ruvllm_jax.backend.engine import Engine, make_rng, pow2_bucket
+from ruvllm_jax.backend.engine import Engine, make_rng, mesh_layout, pow2_bucket
 from ruvllm_jax.backend.sampling import SamplingParams
 from ruvllm_jax.backend.tokenizer import check_token_ids
 from ruvllm_jax.cache.allocator import PagedAllocator
@@ -267,6 +267,12 @@ class ServingEngine:
         self.allocator.set_length(req.seq_id, total)
         return True
 
+    def _current_adapters(self):
+        """The adapters for this step; on a mesh, placed by the layout (B / A split like their weights)."""
+        adapters = self._adapters()
+        layout = mesh_layout(self.engine.cfg, self.engine.config)
+        return adapters if layout is None or adapters is None else layout.place_adapters(adapters)
+
     def _ensure_state(self):
         """The decode state, allocated (pool or slot cache) at the first admission."""
         if self._state is None:
@@ -306,7 +312,7 @@ class ServingEngine:
         self._state = eng.prefill(
             self.params, self._state, col(lambda r: r.slot, c.max_slots), tokens, col(lambda r: len(r.feed), 0),
             sampling=sampling, rngs=rngs, max_tokens=col(lambda r: r.params.max_tokens, 1), eos_ids=self._eos,
-            presence=presence, starts=col(lambda r: r.start, 0), tables=tables, adapters=self._adapters())
+            presence=presence, starts=col(lambda r: r.start, 0), tables=tables, adapters=self._current_adapters())
         self.prefilled_tokens += sum(len(r.feed) for r in reqs)
         first = np.asarray(self._state.token)
         for r in reqs:
@@ -328,7 +334,7 @@ class ServingEngine:
             rows = [self.allocator.table(r.seq_id) if r is not None and not r.finished else [] for r in self._slots]
             tables = table_array(rows, self._width(max(len(t) for t in rows)), c.pool_blocks)
         self._state, out, count = eng.generate(self.params, self._state, eos_ids=self._eos, limit=steps,
-                                               tables=tables, adapters=self._adapters())
+                                               tables=tables, adapters=self._current_adapters())
         out = np.asarray(out)[:, : int(count)]
         for req in running:
             self._take(req, [int(t) for t in out[req.slot] if t >= 0], outputs)

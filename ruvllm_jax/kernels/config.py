@@ -77,7 +77,9 @@ class KernelOptions:
     """How attention runs: `impl` ("auto" | "pallas" | "jnp"), `interpret` (run Pallas kernels on
     CPU, for tests), `pallas_backend` ("triton" | "mosaic" | None = the device's) and `block_sizes`;
     and how linears with quantized weights multiply: `quantized_matmul` ("auto": the native CPU
-    kernel where it is built, else jnp; "native"; "jnp"), see `ruvllm_jax.quant.matmul`.
+    kernel where it is built, else jnp; "native"; "jnp"), see `ruvllm_jax.quant.matmul`; and `mesh`,
+    the `jax.sharding.Mesh` the model is laid out on (None: one device), on which the products XLA
+    cannot partition (the native quantized kernel) run per shard (see `ruvllm_jax.sharding`).
 
     Frozen and hashable: models, engines and kernels take it as one static jit argument.
     """
@@ -87,6 +89,7 @@ class KernelOptions:
     pallas_backend: Optional[str] = None
     block_sizes: BlockSizes = BlockSizes()
     quantized_matmul: str = "auto"
+    mesh: Optional[jax.sharding.Mesh] = None
 
     def __post_init__(self):
         impl = IMPL_ALIASES.get(self.impl, self.impl) if isinstance(self.impl, str) else self.impl
@@ -102,6 +105,8 @@ class KernelOptions:
         if self.quantized_matmul not in QUANTIZED_MATMUL_IMPLS:
             raise ConfigError(
                 f"quantized_matmul must be one of {QUANTIZED_MATMUL_IMPLS}, got {self.quantized_matmul!r}")
+        if self.mesh is not None and not isinstance(self.mesh, jax.sharding.Mesh):
+            raise ConfigError(f"mesh must be None or a jax.sharding.Mesh, got {self.mesh!r}")
 
     def pallas_target(self) -> str:
         """The Pallas backend the kernels lower for: the one asked for, else the device's."""

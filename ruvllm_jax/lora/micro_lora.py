@@ -40,6 +40,7 @@ from ruvllm_jax.lora import functional as F
 from ruvllm_jax.lora import objective, peft_io
 from ruvllm_jax.lora.config import AdaptFeedback, MicroLoraConfig, MicroLoraStats, TargetModule, module_dims
 from ruvllm_jax.models.config import LlamaConfig
+from ruvllm_jax.sharding import follow_params
 
 EwcStates = Mapping[TargetModule, ewc_lib.EwcState]
 
@@ -269,6 +270,7 @@ class MicroLoRA:
         cfg = self._require_model("sequence feedback")
         objective.check_model_params(model_params, cfg)
         tokens, weights = objective.pack(prompt_ids, response_ids, cfg.vocab_size, cfg.max_position_embeddings)
+        self.state = follow_params(self.state, model_params, cfg)  # a sharded model: onto its mesh
         j, grads = objective.sequence_gradients(self.state.params, self.state.scaling, model_params, tokens, weights,
                                                 cfg=cfg, remat=self.config.gradient_checkpointing)
         self.state = F.accumulate(self.state, grads, q, reward, has_reward)
@@ -279,6 +281,7 @@ class MicroLoRA:
         cfg = self._require_model("log_likelihood")
         objective.check_model_params(model_params, cfg)
         tokens, weights = objective.pack(prompt_ids, response_ids, cfg.vocab_size, cfg.max_position_embeddings)
+        self.state = follow_params(self.state, model_params, cfg)
         return float(objective.sequence_log_likelihood(self.state.params, self.state.scaling, model_params, tokens,
                                                        weights, cfg=cfg))
 

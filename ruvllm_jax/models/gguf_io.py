@@ -856,7 +856,7 @@ def _check_tensors(f: GGUFFile, cfg: LlamaConfig, source: str, gguf) -> dict[str
 
 
 def load_gguf(
-    path: str | os.PathLike, *, quantization=None, device=None, check_config=None,
+    path: str | os.PathLike, *, quantization=None, device=None, check_config=None, layout=None,
 ) -> tuple[LlamaConfig, dict[str, Any], Optional[Any], tuple[int, ...]]:
     """(config, params, tokenizer or None, eos ids) from a GGUF file, params in our fused layout.
 
@@ -866,7 +866,9 @@ def load_gguf(
     `ruvllm_jax.quant.convert.to_precision`. Norms and biases are always float32. Q/K/V and gate/up
     are fused when their storage agrees and kept as a tuple of parts otherwise (e.g. a Q4_K_M file's
     Q6_K attn_v). The tokenizer is None, with a warning, when the file's tokenizer model is not supported.
-    `check_config(cfg)`, if given, runs on the file's config before any weight is read.
+    `check_config(cfg)`, if given, runs on the file's config before any weight is read. `layout`
+    (a `ruvllm_jax.sharding.ModelSharding`, or a callable cfg -> one) places every tensor straight
+    onto its shards of a mesh, q/k/v and gate/up one part per module; `device` is then ignored.
     """
     from ruvllm_jax.backend.tokenizer import Tokenizer
 
@@ -885,6 +887,8 @@ def load_gguf(
     cfg = gguf_config(f.metadata, tensors, rope_freqs=rope_freqs, source=source)
     if check_config is not None:  # the caller's refusals come before any weight is read
         check_config(cfg)
+    if callable(layout):
+        layout = layout(cfg)
     slow = _check_tensors(f, cfg, source, gguf)
     tokenizer = _load_tokenizer(f.metadata, cfg, source, Tokenizer)
     if slow:
@@ -895,9 +899,9 @@ def load_gguf(
     permute = cfg.model_type in ("llama", "mistral")
     with open(f.path, "rb", buffering=0) as fh:
         r = _Reader(fh, source, gguf)
-        load = _Loader(r, tensors, device, quantization, f.path)
+        load = _Loader(r, tensors, device, quantization, f.path, layout)
         params: dict[str, Any] = {
-            "embed": load.weights(["token_embd.weight"]),
+            "embed": load.weights(["token_embd.weight"], roles=("embed",)),
             "final_norm": load.vector(["output_norm.weight"]),
         }
         layers = []
@@ -907,11 +911,11 @@ def load_gguf(
             qkv_heads = (cfg.num_heads, cfg.num_kv_heads, None) if permute else (None, None, None)
             lp = {
                 "attn_norm": load.vector([n["attn_norm"]]),
-                "wqkv": load.weights([n["attn_q"], n["attn_k"], n["attn_v"]], qkv_heads),
-                "wo": load.weights([n["attn_output"]]),
+                "wqkv": load.weights([n["attn_q"], n["attn_k"], n["attn_v"]], qkv_heads, roles=("q", "k", "v")),
+                "wo": load.weights([n["attn_output"]], roles=("o",)),
                 "mlp_norm": load.vector([n["ffn_norm"]]),
-                "w_gate_up": load.weights([n["ffn_gate"], n["ffn_up"]]),
-                "w_down": load.weights([n["ffn_down"]]),
+                "w_gate_up": load.weights([n["ffn_gate"], n["ffn_up"]], roles=("gate", "up")),
+                "w_down": load.weights([n["ffn_down"]], roles=("down",)),
             }
             if cfg.attention_bias:
                 lp["bqkv"] = load.vector([b["attn_q"], b["attn_k"], b["attn_v"]], qkv_heads)
@@ -923,7 +927,7 @@ def load_gguf(
             layers.append(lp)
         params["layers"] = tuple(layers)
         if not cfg.tie_word_embeddings:
-            params["lm_head"] = load.weights(["output.weight"])
+            params["lm_head"] = load.weights(["output.weight"], roles=("lm_head",))
     return cfg, params, tokenizer, cfg.eos_token_ids
 
 
@@ -950,8 +954,10 @@ class _Loader:
     """Builds params entries through `weights_io`: each kept weight is one aligned buffer filled in
     place from the file (row chunks converted on the way when asked), so the load holds one copy."""
 
-    def __init__(self, reader: _Reader, tensors: Mapping[str, GGUFTensorInfo], device, quantization, path: str):
+    def __init__(self, reader: _Reader, tensors: Mapping[str, GGUFTensorInfo], device, quantization, path: str,
+                 layout=None):
         self.r, self.tensors, self.device, self.quantization, self.path = reader, tensors, device, quantization, path
+        self.layout = layout
 
     def vector(self, names: Sequence[str], heads: Sequence[Optional[int]] = ()) -> jax.Array:
         parts = []
@@ -960,7 +966,7 @@ class _Loader:
             parts.append(_unpermute(v, h) if h else v)
         out = weights_io.aligned_empty((sum(len(p) for p in parts),), np.float32)
         out[...] = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        return jax.device_put(out, self.device)
+        return weights_io.place(out, self.device if self.layout is None else self.layout.replicated)
 
     def source(self, info: GGUFTensorInfo, heads: Optional[int]) -> weights_io.RowSource:
         """The tensor's rows as stored (types without a kernel: dequantized to float32 per chunk),
@@ -983,18 +989,25 @@ class _Loader:
             src = weights_io.permuted_rows(src, np.concatenate([np.arange(0, d, 2), np.arange(1, d, 2)]))
         return src
 
-    def weights(self, names: Sequence[str], heads: Sequence[Optional[int]] = ()):
+    def weights(self, names: Sequence[str], heads: Sequence[Optional[int]] = (), *, roles: Sequence[str]):
+        """One kept weight from `names` stacked along rows (one part per name on a mesh's layout)."""
         srcs = [self.source(self.tensors[n], h) for n, h in zip(names, _pad(heads, len(names)), strict=True)]
+        if self.layout is not None:
+            parts = tuple(self._kept([s], self.layout.placer(role)) for s, role in zip(srcs, roles, strict=True))
+            return parts[0] if len(parts) == 1 else parts
+        return self._kept(srcs, self.device)
+
+    def _kept(self, srcs: Sequence[weights_io.RowSource], device):
         cols = srcs[0].shape[1]
         q = self.quantization
         if q is not None:
-            return weights_io.materialize(srcs, weights_io.weight_kind(q, "F32", cols), self.device)
+            return weights_io.materialize(srcs, weights_io.weight_kind(q, "F32", cols), device)
         kinds = {s.kind for s in srcs}
         if len(kinds) == 1:
-            return weights_io.materialize(srcs, kinds.pop(), self.device)
+            return weights_io.materialize(srcs, kinds.pop(), device)
         if not kinds & set(FORMATS):  # floats of different widths fuse as float32
-            return weights_io.materialize(srcs, "F32", self.device)
-        return tuple(weights_io.materialize([s], s.kind, self.device) for s in srcs)
+            return weights_io.materialize(srcs, "F32", device)
+        return tuple(weights_io.materialize([s], s.kind, device) for s in srcs)
 
 
 def _pad(heads: Sequence[Optional[int]], n: int) -> list[Optional[int]]:

@@ -38,7 +38,7 @@ from ruvllm_jax.errors import ConfigError
 from ruvllm_jax.kernels import KernelOptions
 from ruvllm_jax.models import attention
 from ruvllm_jax.models.config import LlamaConfig
-from ruvllm_jax.quant.matmul import embed_rows, quantized_matmul
+from ruvllm_jax.quant.matmul import embed_rows, quantized_matmul, quantized_matmul_sharded
 from ruvllm_jax.quant.tensor import QuantizedTensor
 
 Params = dict[str, Any]
@@ -68,12 +68,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 ROW_REDUCE_MAX_ROWS = 16  # see `_linear`
 
 
-def _linear(x: jax.Array, w, b: Optional[jax.Array] = None, qimpl: str = "auto") -> jax.Array:
+def _linear(x: jax.Array, w, b: Optional[jax.Array], kernel: KernelOptions) -> jax.Array:
     """x [..., in] @ w[out, in].T (+ b) in float32.
 
     `w` is a float array, a `QuantizedTensor` (GGML blocks, multiplied by `quantized_matmul`
-    without dequantizing the matrix), or a tuple of those stacked along `out` (a fused weight
-    whose parts a GGUF stores in different formats). `qimpl` is `KernelOptions.quantized_matmul`.
+    without dequantizing the matrix; per shard on `kernel.mesh`), or a tuple of those stacked along
+    `out` (a fused weight whose parts a GGUF stores in different formats, or the split layout of a mesh).
 
     Contracts with w's input axis directly: a `w.T` inside a while loop makes XLA:CPU copy the
     transposed weights every iteration. One row is a GEMV that streams the weights at memory
@@ -82,10 +82,14 @@ def _linear(x: jax.Array, w, b: Optional[jax.Array] = None, qimpl: str = "auto")
     streams it once for all of them (2.3x faster at 8 rows of the 0.5B shape's MLP).
     """
     if isinstance(w, tuple):
-        y = jnp.concatenate([_linear(x, part, None, qimpl) for part in w], axis=-1)
+        y = jnp.concatenate([_linear(x, part, None, kernel) for part in w], axis=-1)
         return y if b is None else y + b.astype(jnp.float32)
     if isinstance(w, QuantizedTensor):
-        y = quantized_matmul(x.astype(jnp.float32), w, impl=qimpl)
+        x = x.astype(jnp.float32)
+        if kernel.mesh is None:
+            y = quantized_matmul(x, w, impl=kernel.quantized_matmul)
+        else:
+            y = quantized_matmul_sharded(x, w, kernel.mesh, kernel.quantized_matmul)
         return y if b is None else y + b.astype(jnp.float32)
     w = w.astype(jnp.float32)
     rows = math.prod(x.shape[:-1])
@@ -128,25 +132,44 @@ def _with_fused_lora(y: jax.Array, x: jax.Array, layer_adapters: Optional[dict],
     return y + (x @ a) @ b
 
 
-def _qkv(lp: Params, cfg: LlamaConfig, h: jax.Array, la: Optional[dict], qimpl: str):
-    qkv = _linear(h, lp["wqkv"], lp.get("bqkv"), qimpl)
+def _projections(h: jax.Array, w, b: Optional[jax.Array], la: Optional[dict], slots: dict,
+                 kernel: KernelOptions) -> list[jax.Array]:
+    """The outputs of a fused projection (q/k/v or gate/up), one per module of `slots` (name ->
+    (start, size) in the fused output), adapters added.
+
+    A tuple of exactly one part per module (the split layout of a mesh, see `ruvllm_jax.sharding`)
+    multiplies part by part, so each output keeps its part's sharding; otherwise one fused product
+    and one fused adapter product, split after.
+    """
+    sizes = [size for _, size in slots.values()]
+    if isinstance(w, tuple) and [p.shape[0] for p in w] == sizes:
+        outs = []
+        for (name, (start, size)), part in zip(slots.items(), w, strict=True):
+            y = _linear(h, part, None if b is None else b[start:start + size], kernel)
+            outs.append(_with_lora(y, h, la, name))
+        return outs
+    y = _with_fused_lora(_linear(h, w, b, kernel), h, la, slots)
+    starts = [start for start, _ in slots.values()]
+    return jnp.split(y, starts[1:], axis=-1)
+
+
+def _qkv(lp: Params, cfg: LlamaConfig, h: jax.Array, la: Optional[dict], kernel: KernelOptions):
     q_kv = cfg.q_size + cfg.kv_size
-    qkv = _with_fused_lora(qkv, h, la, {"q": (0, cfg.q_size), "k": (cfg.q_size, cfg.kv_size), "v": (q_kv, cfg.kv_size)})
-    return jnp.split(qkv, [cfg.q_size, q_kv], axis=-1)
+    slots = {"q": (0, cfg.q_size), "k": (cfg.q_size, cfg.kv_size), "v": (q_kv, cfg.kv_size)}
+    return _projections(h, lp["wqkv"], lp.get("bqkv"), la, slots, kernel)
 
 
-def _mlp(lp: Params, cfg: LlamaConfig, x: jax.Array, la: Optional[dict], qimpl: str) -> jax.Array:
+def _mlp(lp: Params, cfg: LlamaConfig, x: jax.Array, la: Optional[dict], kernel: KernelOptions) -> jax.Array:
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     inter = cfg.intermediate_size
-    gate_up = _linear(h, lp["w_gate_up"], lp.get("b_gate_up"), qimpl)
-    gate_up = _with_fused_lora(gate_up, h, la, {"gate": (0, inter), "up": (inter, inter)})
-    gate, up = jnp.split(gate_up, 2, axis=-1)
+    gate, up = _projections(h, lp["w_gate_up"], lp.get("b_gate_up"), la, {"gate": (0, inter), "up": (inter, inter)},
+                            kernel)
     act = jax.nn.silu(gate) * up
-    return x + _with_lora(_linear(act, lp["w_down"], lp.get("b_down"), qimpl), act, la, "down")
+    return x + _with_lora(_linear(act, lp["w_down"], lp.get("b_down"), kernel), act, la, "down")
 
 
-def _attn_out(lp: Params, attn: jax.Array, la: Optional[dict], qimpl: str) -> jax.Array:
-    return _with_lora(_linear(attn, lp["wo"], lp.get("bo"), qimpl), attn, la, "o")
+def _attn_out(lp: Params, attn: jax.Array, la: Optional[dict], kernel: KernelOptions) -> jax.Array:
+    return _with_lora(_linear(attn, lp["wo"], lp.get("bo"), kernel), attn, la, "o")
 
 
 def _layer_adapters(adapters: Adapters, i: int) -> Optional[dict]:
@@ -156,7 +179,7 @@ def _layer_adapters(adapters: Adapters, i: int) -> Optional[dict]:
 def _logits(params: Params, cfg: LlamaConfig, x: jax.Array, kernel: KernelOptions) -> jax.Array:
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-    return _linear(h, head, None, kernel.quantized_matmul)
+    return _linear(h, head, None, kernel)
 
 
 def _block(lp: Params, cfg: LlamaConfig, x: jax.Array, cos: jax.Array, sin: jax.Array, la: Optional[dict],
@@ -168,14 +191,14 @@ def _block(lp: Params, cfg: LlamaConfig, x: jax.Array, cos: jax.Array, sin: jax.
     """
     lead = x.shape[:-1]
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = _qkv(lp, cfg, h, la, kernel.quantized_matmul)
+    q, k, v = _qkv(lp, cfg, h, la, kernel)
     q = apply_rope(q.reshape(*lead, cfg.num_heads, cfg.head_dim), cos, sin)
     k = apply_rope(k.reshape(*lead, cfg.num_kv_heads, cfg.head_dim), cos, sin)
     v = v.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
     out, cache = attend(q, k, v)
     chex.assert_shape(out, q.shape)
-    x = x + _attn_out(lp, out.reshape(*lead, cfg.q_size), la, kernel.quantized_matmul)
-    return _mlp(lp, cfg, x, la, kernel.quantized_matmul), cache
+    x = x + _attn_out(lp, out.reshape(*lead, cfg.q_size), la, kernel)
+    return _mlp(lp, cfg, x, la, kernel), cache
 
 
 def _prompt_attend(q, k, v, *, cache, layer: int, cfg: LlamaConfig, kernel: KernelOptions, lengths=None,

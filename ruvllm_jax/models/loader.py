@@ -74,14 +74,16 @@ def _hf_names(i: int) -> dict[str, str]:
 
 
 def load_params(
-    folder: str, cfg: LlamaConfig, *, dtype=jnp.float32, device=None, quantization=None,
+    folder: str, cfg: LlamaConfig, *, dtype=jnp.float32, device=None, quantization=None, layout=None,
 ) -> dict[str, Any]:
     """Read a checkpoint folder into the params pytree (fused layout), with one copy of the weights.
 
     Every tensor is kept as `dtype` (float32 by default); when `quantization` (a quantized
     `Precision`) is given, 2-D weights are kept in its block format instead
     (`ruvllm_jax.quant.convert.format_for`). Each weight is read chunk by chunk into the buffer it is kept in
-    (`weights_io.materialize`), never through the file's memory map.
+    (`weights_io.materialize`), never through the file's memory map. With `layout` (a
+    `ruvllm_jax.sharding.ModelSharding`) each tensor goes straight onto its shards of the mesh, and
+    q/k/v and gate/up stay one part per module (the split layout); `device` is then ignored.
     """
     tensors = open_checkpoint(folder)
     float_kind = weights_io.kind_of_dtype(dtype)
@@ -103,11 +105,18 @@ def load_params(
         return src
 
     def vector(*parts: tuple[str, int]) -> jax.Array:
-        return weights_io.materialize_vector([source(n, (size,)) for n, size in parts], device, float_kind)
+        where = device if layout is None else layout.replicated
+        return weights_io.materialize_vector([source(n, (size,)) for n, size in parts], where, float_kind)
 
-    def matrix(*parts: tuple[str, tuple[int, int]]) -> Any:
+    def matrix(role: str, *parts: tuple[str, tuple[int, int]]) -> Any:
         srcs = [source(n, shape) for n, shape in parts]
-        return weights_io.materialize(srcs, weights_io.weight_kind(quantization, float_kind, srcs[0].shape[1]), device)
+        kind = weights_io.weight_kind(quantization, float_kind, srcs[0].shape[1])
+        return weights_io.materialize(srcs, kind, device if layout is None else layout.placer(role))
+
+    def fused(roles: tuple[str, ...], *parts: tuple[str, tuple[int, int]]) -> Any:
+        if layout is None:
+            return matrix(roles[0], *parts)
+        return tuple(matrix(role, part) for role, part in zip(roles, parts, strict=True))
 
     d, inter = cfg.hidden_size, cfg.intermediate_size
     layers = []
@@ -115,12 +124,12 @@ def load_params(
         n = _hf_names(i)
         lp = {
             "attn_norm": vector((n["attn_norm"], d)),
-            "wqkv": matrix((n["q"] + ".weight", (cfg.q_size, d)), (n["k"] + ".weight", (cfg.kv_size, d)),
-                           (n["v"] + ".weight", (cfg.kv_size, d))),
-            "wo": matrix((n["o"] + ".weight", (d, cfg.q_size))),
+            "wqkv": fused(("q", "k", "v"), (n["q"] + ".weight", (cfg.q_size, d)),
+                          (n["k"] + ".weight", (cfg.kv_size, d)), (n["v"] + ".weight", (cfg.kv_size, d))),
+            "wo": matrix("o", (n["o"] + ".weight", (d, cfg.q_size))),
             "mlp_norm": vector((n["mlp_norm"], d)),
-            "w_gate_up": matrix((n["gate"] + ".weight", (inter, d)), (n["up"] + ".weight", (inter, d))),
-            "w_down": matrix((n["down"] + ".weight", (d, inter))),
+            "w_gate_up": fused(("gate", "up"), (n["gate"] + ".weight", (inter, d)), (n["up"] + ".weight", (inter, d))),
+            "w_down": matrix("down", (n["down"] + ".weight", (d, inter))),
         }
         if cfg.attention_bias:
             lp["bqkv"] = vector((n["q"] + ".bias", cfg.q_size), (n["k"] + ".bias", cfg.kv_size),
@@ -132,18 +141,22 @@ def load_params(
             lp["b_down"] = vector((n["down"] + ".bias", d))
         layers.append(lp)
     params = {
-        "embed": matrix(("model.embed_tokens.weight", (cfg.vocab_size, d))),
+        "embed": matrix("embed", ("model.embed_tokens.weight", (cfg.vocab_size, d))),
         "final_norm": vector(("model.norm.weight", d)),
         "layers": tuple(layers),
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = matrix(("lm_head.weight", (cfg.vocab_size, d)))
+        params["lm_head"] = matrix("lm_head", ("lm_head.weight", (cfg.vocab_size, d)))
     return params
 
 
 def to_hf_tensors(params: dict[str, Any], cfg: LlamaConfig, dtype=np.float32) -> dict[str, np.ndarray]:
     """The inverse of `load_params`: transformers' tensor names, un-fused."""
-    a = lambda x: np.asarray(jax.device_get(x), dtype=np.float32).astype(dtype)  # noqa: E731
+    def a(x):  # a tuple of parts (the split layout of a mesh) joins along rows
+        if isinstance(x, tuple):
+            return np.concatenate([a(p) for p in x])
+        return np.asarray(jax.device_get(x), dtype=np.float32).astype(dtype)
+
     out = {"model.embed_tokens.weight": a(params["embed"]), "model.norm.weight": a(params["final_norm"])}
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = a(params["lm_head"])

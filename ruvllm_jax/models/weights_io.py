@@ -170,7 +170,10 @@ def _convert(rows, kind: Kind) -> Union[np.ndarray, QuantizedTensor]:
 
 
 def materialize(parts: Sequence[RowSource], kind: Kind, device=None) -> Union[jax.Array, QuantizedTensor]:
-    """The parts' rows stacked into one kept weight of `kind`, on `device`, with one copy.
+    """The parts' rows stacked into one kept weight of `kind`, on `device` (see `place`), with one copy.
+
+    `device` may also be a callable (rows, cols, quantized) -> device or sharding, for layouts that
+    depend on the weight's shape and kind.
 
     1-D tensors are parts of shape (1, n) and come back 1-D.
     """
@@ -184,6 +187,8 @@ def materialize(parts: Sequence[RowSource], kind: Kind, device=None) -> Union[ja
         out = aligned_empty((n_rows, FORMATS[kind].row_bytes(n_cols)), np.uint8)
     else:
         out = aligned_empty((n_rows, n_cols), FLOAT_KINDS[kind])
+    if callable(device):
+        device = device(n_rows, n_cols, quantized)
     row0 = 0
     for p in parts:
         if p.kind == kind and p.read_into is not None:
@@ -197,7 +202,7 @@ def materialize(parts: Sequence[RowSource], kind: Kind, device=None) -> Union[ja
             rows = _convert(p.read(start, stop), kind)
             out[row0 + start : row0 + stop] = rows.data if quantized else rows
         row0 += p.shape[0]
-    placed = jax.device_put(out, device)
+    placed = place(out, device)
     if quantized:
         return QuantizedTensor(placed, kind, (n_rows, n_cols))
     return placed
@@ -210,7 +215,16 @@ def materialize_vector(parts: Sequence[RowSource], device=None, kind: Kind = "F3
     for p in parts:
         out[at : at + p.shape[1]] = np.asarray(_convert(p.read(0, 1), kind)).reshape(-1)
         at += p.shape[1]
-    return jax.device_put(out, device)
+    return place(out, device)
+
+
+def place(host: np.ndarray, device=None) -> jax.Array:
+    """A host buffer onto `device`: a `jax.Device` (or None, the default), or a `jax.sharding.Sharding`
+    of a mesh, where every addressable device gets only its slice `host[index]` (no device holds
+    more than its shard, and across hosts each process supplies only its own devices' slices)."""
+    if isinstance(device, jax.sharding.Sharding) and not isinstance(device, jax.sharding.SingleDeviceSharding):
+        return jax.make_array_from_callback(host.shape, device, lambda index: host[index])
+    return jax.device_put(host, device)
 
 
 

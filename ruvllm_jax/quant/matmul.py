@@ -23,6 +23,8 @@ from typing import Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from ruvllm_jax.errors import ConfigError
 from ruvllm_jax.quant.formats import dequantize_rows_jnp
@@ -143,3 +145,29 @@ def embed_rows(table: Union[QuantizedTensor, jax.Array], tokens) -> jax.Array:
         rows = jnp.asarray(table.data)[jnp.asarray(tokens)]
         return dequantize_rows_jnp(rows, table.qtype, table.shape[1])
     return jnp.asarray(table)[jnp.asarray(tokens)].astype(jnp.float32)
+
+
+def quantized_matmul_sharded(x: jax.Array, w: QuantizedTensor, mesh: Mesh, impl: str) -> jax.Array:
+    """x [..., in] @ w.T for a `QuantizedTensor` on `mesh`: each device multiplies its rows of w (its
+    slice of the output columns) with the native kernel or jnp under `shard_map`; x's batch splits
+    over `data` when it divides. XLA cannot partition the native custom call itself: outside a
+    shard_map it would gather the whole weight onto every device."""
+    model, data = mesh.shape["model"], mesh.shape["data"]
+    rows_axis = "model" if w.shape[0] % model == 0 else None
+    lead = "data" if x.ndim >= 2 and x.shape[0] % data == 0 else None
+    local_rows = w.shape[0] // (model if rows_axis else 1)
+    x_spec = P(lead, *([None] * (x.ndim - 1)))
+    out_spec = P(lead, *([None] * (x.ndim - 2)), rows_axis) if x.ndim >= 2 else P(rows_axis)
+
+    def local(x_l, data_l):
+        return quantized_matmul(x_l, QuantizedTensor(data_l, w.qtype, (local_rows, w.shape[1])), impl=impl)
+
+    return _shard_map(local, mesh, (x_spec, P(rows_axis, None)), out_spec)(x, w.data)
+
+
+def _shard_map(f, mesh: Mesh, in_specs, out_specs):
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map  # jax before 0.7
+
+    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)

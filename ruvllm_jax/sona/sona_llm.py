@@ -103,10 +103,18 @@ class SonaLlm:
         backend.attach_adapters(self)
 
     # -- state -------------------------------------------------------------------------------------------
+    def _placed(self, state: F.SonaState) -> F.SonaState:
+        """The state on the backend's devices: one device, or its mesh by the adapter rules (B of
+        q/k/v/gate/up and A of o/down split over `model` like their weights, the rest replicated)."""
+        layout = self.backend.layout
+        if layout is None:
+            return jax.device_put(state, jax.devices()[0])
+        return jax.device_put(state, layout.adapter_shardings(state))
+
     def _fresh(self) -> None:
         c = self.config
-        self.state = F.init(jax.random.PRNGKey(c.seed), self.model_config, self.lora_config,
-                            instant_optimizer=c.instant_optimizer)
+        self.state = self._placed(F.init(jax.random.PRNGKey(c.seed), self.model_config, self.lora_config,
+                                         instant_optimizer=c.instant_optimizer))
         self.pending: list[PendingSample] = []
         self.counters = {"instant_updates": 0, "background_runs": 0, "deep_runs": 0, "samples_seen": 0,
                          "dropped_samples": 0, "accumulated_quality": 0.0, "instant_latency_us_total": 0}
@@ -563,7 +571,7 @@ class SonaLlm:
                                 replay_tokens=tree.get("replay_tokens", replay["replay_tokens"]),
                                 replay_weights=tree.get("replay_weights", replay["replay_weights"]),
                                 instant_optimizer=self.config.instant_optimizer)
-            self.state = jax.device_put(state, jax.devices()[0])
+            self.state = self._placed(state)
             self.pending = [PendingSample(np.asarray(p["tokens"]), np.asarray(p["weights"]), m["quality"],
                                           m["advantage"], p["update"]) for p, m in zip(tree["pending"], meta["pending"],
                                                                                      strict=True)]
