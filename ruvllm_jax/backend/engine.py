@@ -361,6 +361,32 @@ def free_slot(state: DecodeState, slot) -> DecodeState:
     return state.replace(done=state.done.at[slot].set(True), remaining=state.remaining.at[slot].set(0))
 
 
+def _paged_spec(cfg: LlamaConfig, config: EngineConfig) -> PagedSpec:
+    return PagedSpec(num_blocks=config.pool_blocks, block_size=config.block_size, num_kv_heads=cfg.num_kv_heads,
+                     head_dim=cfg.head_dim, dtype=config.kv_dtype)
+
+
+def _fresh_state(cfg: LlamaConfig, config: EngineConfig) -> DecodeState:
+    s = config.max_slots
+    if config.layout == "paged":
+        cache = PagedKVCache.init(_paged_spec(cfg, config), num_layers=cfg.num_layers, batch=1, width=1)
+    else:
+        cache = new_cache(cfg, 1, config.max_len, kv_cache_config=config.kv_cache_config)
+    zeros = lambda: jnp.zeros((s,), jnp.int32)  # noqa: E731 (separate buffers: the state is donated)
+    return DecodeState(
+        cache=cache, token=zeros(), position=zeros(), presence=jnp.zeros((s, cfg.vocab_size), jnp.bool_),
+        done=jnp.ones((s,), jnp.bool_), rng=jax.random.split(jax.random.key(0), s), remaining=zeros(),
+        sampling=SamplingParams.create().broadcast(s),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "config"))
+def _fresh_state_on_mesh(cfg: LlamaConfig, config: EngineConfig) -> DecodeState:
+    """`_fresh_state` created on the mesh's devices by the layout (no host copy to place: across hosts
+    each process makes only its own shards)."""
+    return _keep_layout(_fresh_state(cfg, config), cfg, config)
+
+
 @dataclasses.dataclass(frozen=True)
 class Engine:
     """Pure, jitted serving steps over an explicit `DecodeState` with `max_slots` slots.
@@ -379,29 +405,16 @@ class Engine:
 
     @property
     def paged_spec(self) -> PagedSpec:
-        c = self.config
-        return PagedSpec(num_blocks=c.pool_blocks, block_size=c.block_size, num_kv_heads=self.cfg.num_kv_heads,
-                         head_dim=self.cfg.head_dim, dtype=c.kv_dtype)
+        return _paged_spec(self.cfg, self.config)
 
     def init_decode_state(self, device=None) -> DecodeState:
-        """Every slot free: done, nothing to generate (on `device`, default the first)."""
-        c, s = self.config, self.config.max_slots
-        if c.layout == "paged":
-            cache = PagedKVCache.init(self.paged_spec, num_layers=self.cfg.num_layers, batch=1, width=1)
-        else:
-            cache = new_cache(self.cfg, 1, c.max_len, kv_cache_config=c.kv_cache_config)
-        zeros = lambda: jnp.zeros((s,), jnp.int32)  # noqa: E731 (separate buffers: the state is donated)
-        state = DecodeState(
-            cache=cache, token=zeros(), position=zeros(), presence=jnp.zeros((s, self.cfg.vocab_size), jnp.bool_),
-            done=jnp.ones((s,), jnp.bool_), rng=jax.random.split(jax.random.key(0), s), remaining=zeros(),
-            sampling=SamplingParams.create().broadcast(s),
-        )
+        """Every slot free: done, nothing to generate (on `device`, default the first; on a mesh,
+        built in place on the layout's shards, so it works across hosts too)."""
+        if mesh_layout(self.cfg, self.config) is not None:
+            return _fresh_state_on_mesh(self.cfg, self.config)
         # Committed to the device like every state a step returns: an uncommitted first state
-        # would make the first prefill compile a second executable. On a mesh: the layout's shardings.
-        layout = mesh_layout(self.cfg, c)
-        if layout is not None:
-            return jax.device_put(state, layout.state_shardings(state))
-        return jax.device_put(state, jax.devices()[0] if device is None else device)
+        # would make the first prefill compile a second executable.
+        return jax.device_put(_fresh_state(self.cfg, self.config), jax.devices()[0] if device is None else device)
 
     def prefill(self, params, state: DecodeState, slots, tokens, lengths, *, sampling: SamplingParams, rngs,
                 max_tokens, eos_ids, presence, starts=None, tables=None, adapters=None) -> DecodeState:
