@@ -35,11 +35,9 @@ so no device ever holds a whole weight it does not own, and the same call works 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -353,14 +351,3 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
             pass
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, **kwargs)
-
-
-def spec_of(x) -> Optional[P]:
-    """The `PartitionSpec` of an array on a named sharding (None for another sharding)."""
-    s = getattr(x, "sharding", None)
-    return s.spec if isinstance(s, NamedSharding) else None
-
-
-def nbytes(tree: Any) -> int:
-    """Logical bytes of every array in `tree` (whole arrays, however they are sharded)."""
-    return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))

@@ -107,6 +107,11 @@ def test_params_are_really_sharded_and_kv_heads_replicate_past_their_count(qwen2
     per_device = b.params_bytes_per_device()
     assert len(per_device) == 8 and max(per_device.values()) < b.memory_stats().params_bytes / 3
     assert "mesh data=1 x model=8" in b.memory_stats().device
+    # Params already in memory (one device, fused) move onto the mesh by the same rules.
+    placed = ModelSharding.create(cfg, b.mesh).place_params(backends(path, None).params)
+    assert _spec(placed["layers"][0]["wqkv"][0]) == ("model",) and _spec(placed["layers"][0]["wo"]) == (None, "model")
+    tokens = _tokens(cfg.vocab_size)
+    np.testing.assert_array_equal(_forward(placed, cfg, tokens, b.mesh), _forward(b.params, cfg, tokens, b.mesh))
     # On (4, 2) the 2 KV heads split over the model axis of 2.
     wk2 = backends(path, (4, 2)).params["layers"][0]["wqkv"][1]
     assert wk2.sharding.spec == P("model", None) and _shard_rows(wk2) == {(cfg.kv_size // 2, cfg.hidden_size)}
