@@ -264,3 +264,24 @@ def test_sona_deep_step_and_micro_lora_run_sharded(backends):
         texts.append(backend.generate("ROMEO:", GREEDY))
         backend.detach_adapters()
     assert texts[0] == texts[1]
+
+
+def test_a_gguf_loads_onto_the_mesh_and_two_tier_cache_generates_sharded(tmp_path, backends):
+    """A Q8_0 GGUF keeps its blocks split over `model`; the two-tier quantized cache decodes on a mesh."""
+    from ruvllm_jax.models import gguf_io
+    from ruvllm_jax.types import KvCacheConfig
+
+    one = backends(None, None)
+    path = str(tmp_path / "m.gguf")
+    gguf_io.save_gguf(one.params, one.config, path, qtype="Q8_0", tokenizer=one.tokenizer(),
+                      eos_token_ids=one.eos_token_ids)
+    ref, mesh = JaxBackend(), JaxBackend()
+    ref.load_model(path)
+    mesh.load_model(path, ModelConfig(mesh_shape=(2, 2)))
+    wq = mesh.params["layers"][0]["wqkv"][0]
+    assert wq.qtype == "Q8_0" and _spec(wq.data) == ("model",) and _shard_rows(wq.data) == {(128, wq.data.shape[1])}
+    assert mesh.generate("ROMEO:", GREEDY) == ref.generate("ROMEO:", GREEDY)
+    kv = KvCacheConfig(tail_length=32, migration_batch=16, max_tokens=128)
+    long = GREEDY.replace(max_tokens=60)  # past the tail: tokens migrate into the quantized store
+    two_tier = backends(None, (2, 2), kv_cache_config=kv)
+    assert two_tier.generate("ROMEO:", long) == backends(None, None, kv_cache_config=kv).generate("ROMEO:", long)
