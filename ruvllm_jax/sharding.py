@@ -344,10 +344,9 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
     computations need. Afterwards `jax.devices()` lists every host's devices, `make_mesh` spans them,
     and each process loads only its own devices' shards.
     """
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
-        try:
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        except (AttributeError, ValueError):  # a jax without the option
-            pass
+    try:  # only CPU computations use it; jax 0.10 defaults to gloo already, older ones did not
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):  # a jax without the option
+        pass
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, **kwargs)
