@@ -182,7 +182,10 @@ def _instant_step(state: SonaState, model_params, tokens: jax.Array, weights: ja
     direction, opt = _direction(state.instant_optimizer).update(loss_grad, state.instant_opt, state.delta)
     update = jax.tree.map(lambda d: -lr * d, direction)
     delta = add(state.delta, update)
-    after = logprob(delta["layers"][first_layer:])
+    # An update of zeros (a neutral rating) leaves the delta as it was, so its log-prob is `before`
+    # exactly: a second forward, fused apart from value_and_grad's, would differ in the last bits.
+    changed = jnp.any(jnp.stack([jnp.any(u != 0) for u in jax.tree.leaves(update)]))
+    after = jax.lax.cond(changed, lambda: logprob(delta["layers"][first_layer:]), lambda: before)
     return state.replace(delta=delta, instant_opt=opt), update, before, after
 
 
