@@ -29,6 +29,9 @@ def get_config():
     c.repeats = 3  # median of this many timed runs, after one warm-up
     c.threads = 2  # torch and llama.cpp threads (XLA uses all cores)
     c.seed = 0
+    # False: every row runs with ruvllm_jax's persistent compilation cache off, so its first
+    # generation compiles (a user's first run) and the compiles count in its peak RSS.
+    c.compilation_cache = False
     c.output = "experiments/results/bench_decode.json"
     # Qwen2.5-0.5B dimensions.
     c.qwen = ml_collections.ConfigDict(dict(

@@ -6,7 +6,10 @@
 
 For each model and row (`engine:precision[:gguf file]`, see the config): load time, prefill latency
 of a `prompt_tokens` prompt, greedy decode tokens/s (batch 1, median of `repeats` after a warm-up),
-the weights' bytes as kept and the peak RSS from the load through the first generation over them.
+the weights' bytes as kept and the peak RSS from the load through the first generation over them,
+and the RSS left after it (ruvllm_jax: after `JaxBackend.generate_tokens`, the first generation a
+user runs, compiles included: children run with the persistent compilation cache off unless
+`compilation_cache` is set; the others: at the end of their run).
 Each row runs in its own process. The GGUF files are written once per run from the same random
 model (F16 and Q8_0 by ruvllm_jax's exporter, Q4_K_M by llama.cpp's quantizer), and every engine
 that reads GGUF reads the very same file. Prints a table and writes JSON. Random weights are fine
@@ -169,6 +172,16 @@ def child(spec: dict) -> dict:
         backend.load_model(path, ModelConfig(max_context=max(1024, len(prompt) + new), quantization=q))
         load_s = time.perf_counter() - t0
         weights = backend.memory_stats().params_bytes / 1e9
+        after_load = _rss_gb()
+        # The first generation as a user runs it (compiles included, unless the cache is warm): the
+        # peak and the RSS left after it are this row's memory figures; the timing below may compile
+        # its own engine's programs again, after them.
+        t0 = time.perf_counter()
+        from ruvllm_jax.types import GenerateParams
+
+        backend.generate_tokens(prompt, GenerateParams(max_tokens=new, temperature=0.0, repetition_penalty=1.0))
+        first = {"first_generation_s": time.perf_counter() - t0, "peak": _peak_rss_gb(), "after": _rss_gb(),
+                 "after_load_gb": after_load - base}
         out = bench_ruvllm(backend, prompt, new, repeats)
         out["dtype"] = backend.model_info().dtype
         from ruvllm_jax.quant import native
@@ -190,9 +203,15 @@ def child(spec: dict) -> dict:
         out, base, load_s, weights = bench_llama_cpp(path, prompt, new, repeats, threads)
     else:
         raise ValueError(engine_name)
-    peak = _peak_rss_gb()
-    out.update(load_s=load_s, weights_gb=weights, rss_before_load_gb=base, peak_rss_gb=peak,
-               peak_over_load=(peak - base) / weights if weights else None, beyond_weights_gb=peak - base - weights)
+    run_peak = _peak_rss_gb()
+    if engine_name == "ruvllm_jax":
+        peak, after = first.pop("peak"), first.pop("after")
+        out.update(first)
+    else:  # their first generation is inside the timing runs: the whole run's peak and final RSS
+        peak, after = run_peak, _rss_gb()
+    out.update(load_s=load_s, weights_gb=weights, rss_before_load_gb=base, peak_rss_gb=peak, run_peak_rss_gb=run_peak,
+               peak_over_load=(peak - base) / weights if weights else None, beyond_weights_gb=peak - base - weights,
+               after_first_gb=after - base)
     return out
 
 
@@ -238,6 +257,8 @@ def run_child(spec: dict) -> dict:
     import sys
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if not spec.get("compilation_cache", False):  # a cold first run: its compiles count in its peak
+        env["RUVLLM_JAX_COMPILATION_CACHE"] = "0"
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -318,7 +339,8 @@ def main(argv):
                 path = folder if not src else files.get(src[0])
                 label = f"{quant} ({src[0] if src else 'safetensors'})"
                 spec = {"engine": engine_name, "path": path, "quantization": None if quant == "keep" else quant,
-                        "prompt": prompt, "new_tokens": new_tokens, "repeats": c.repeats, "threads": c.threads}
+                        "prompt": prompt, "new_tokens": new_tokens, "repeats": c.repeats, "threads": c.threads,
+                        "compilation_cache": c.compilation_cache}
                 if path is None:
                     r = {"error": "llama-cpp-python is not installed (bash experiments/install_bench.sh)"}
                 else:
@@ -331,14 +353,15 @@ def main(argv):
     for r in rows:
         by_model.setdefault(r["model"], {})[(r["engine"], r["weights"])] = r
     print(f"\n{'model':11s} {'engine':13s} {'weights':26s} {'prefill ms':>10s} {'decode tok/s':>12s} "
-          f"{'weights GB':>10s} {'peak/weights':>12s} {'beyond GB':>9s}")
+          f"{'weights GB':>10s} {'peak/weights':>12s} {'beyond GB':>9s} {'after/weights':>13s} {'1st gen s':>9s}")
     for r in rows:
         if "error" in r:
             print(f"{r['model']:11s} {r['engine']:13s} {r['weights']:26s} error: {r['error']}")
             continue
         print(f"{r['model']:11s} {r['engine']:13s} {r['weights']:26s} {r['prefill_ms']:10.1f} "
               f"{r['decode_tok_s']:12.1f} {r['weights_gb']:10.3f} {r['peak_over_load'] or float('nan'):12.2f} "
-              f"{r['beyond_weights_gb']:9.3f}")
+              f"{r['beyond_weights_gb']:9.3f} {r['after_first_gb'] / r['weights_gb']:13.2f} "
+              f"{r.get('first_generation_s', float('nan')):9.1f}")
     ratios = {}
     for model, got in by_model.items():
         for ours, theirs in c.ratios:

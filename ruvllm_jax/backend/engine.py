@@ -23,7 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ruvllm_jax.backend.sampling import SamplingParams, presence_from_tokens, sample, update_presence
+from ruvllm_jax.backend.sampling import (
+    SamplingParams,
+    greedy_tokens,
+    presence_from_tokens,
+    sample,
+    update_presence,
+)
 from ruvllm_jax.cache import ContiguousKVCache
 from ruvllm_jax.cache.paged import KV_DTYPES, PagedKVCache, PagedSpec, apply_copies
 from ruvllm_jax.cache.segmented import SegmentedKVCache
@@ -110,14 +116,20 @@ def split_rng(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
     return pairs[:, 0], pairs[:, 1]
 
 
+def _draw(key, logits, presence, sampling: SamplingParams, greedy: bool) -> jax.Array:
+    """The next token of each row: `sample`, or its greedy branch alone when the caller knows every
+    row is greedy (a smaller program; the key is still split, so PRNG streams do not depend on it)."""
+    return greedy_tokens(logits, presence, sampling) if greedy else sample(key, logits, presence, sampling)
+
+
 def decode_step(params, state: DecodeState, sampling: SamplingParams, eos_ids, adapters, cfg: LlamaConfig,
-                kernel: KernelOptions):
+                kernel: KernelOptions, greedy: bool = False):
     """Feed each sequence's last token, sample the next. Finished sequences stay frozen."""
     logits, cache = llama.decode(params, cfg, state.token, state.position, state.cache, adapters=adapters,
                                  kernel=kernel)
     rng, key = split_rng(state.rng)
     sampling = sampling if state.sampling is None else state.sampling
-    token = jnp.where(state.done, state.token, sample(key, logits, state.presence, sampling))
+    token = jnp.where(state.done, state.token, _draw(key, logits, state.presence, sampling, greedy))
     done = state.done | _is_eos(token, eos_ids)
     remaining = state.remaining
     if remaining is not None:
@@ -144,7 +156,7 @@ def decode_chunk(
 
 
 def decode_loop(params, state: DecodeState, sampling, eos_ids, limit, adapters, *, cfg: LlamaConfig, chunk: int,
-                kernel: KernelOptions):
+                kernel: KernelOptions, greedy: bool = False):
     """`decode_chunk`'s body, for callers already inside jit (the engine's `generate`)."""
     b = state.token.shape[0]
 
@@ -155,7 +167,7 @@ def decode_loop(params, state: DecodeState, sampling, eos_ids, limit, adapters, 
     def body(carry):
         i, st, out = carry
         was_done = st.done
-        st = decode_step(params, st, sampling, eos_ids, adapters, cfg, kernel)
+        st = decode_step(params, st, sampling, eos_ids, adapters, cfg, kernel, greedy)
         out = out.at[:, i].set(jnp.where(was_done, -1, st.token))
         return i + 1, st, out
 
@@ -305,10 +317,10 @@ def _keep_layout(state: DecodeState, cfg: LlamaConfig, config: "EngineConfig") -
     return state if layout is None else layout.constrain(state, layout.state_shardings(state))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "config", "with_context"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "config", "with_context", "greedy"), donate_argnames=("state",))
 def prefill_slots(params, state: DecodeState, slots, tokens, lengths, starts, presence, sampling: SamplingParams,
                   rngs, max_tokens, eos_ids, tables, adapters, *, cfg: LlamaConfig, config: EngineConfig,
-                  with_context: bool) -> DecodeState:
+                  with_context: bool, greedy: bool = False) -> DecodeState:
     """Prefill k requests into `slots` [k] at once and sample each first token (see `Engine.prefill`).
 
     Rows whose slot is `max_slots` are padding (a bucket of k): their tables hold no block and
@@ -325,7 +337,7 @@ def prefill_slots(params, state: DecodeState, slots, tokens, lengths, starts, pr
         logits, cache = llama.prefill(params, cfg, tokens, cache, adapters=adapters, kernel=config.kernel,
                                       logit_positions=last, lengths=lengths)
     rngs, keys = split_rng(rngs)
-    token = sample(keys, logits, presence, sampling)
+    token = _draw(keys, logits, presence, sampling, greedy)
     done = _is_eos(token, eos_ids) | (max_tokens <= 1)
 
     def put(x, value):
@@ -343,14 +355,14 @@ def prefill_slots(params, state: DecodeState, slots, tokens, lengths, starts, pr
     ), cfg, config)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "config"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "config", "greedy"), donate_argnames=("state",))
 def generate_slots(params, state: DecodeState, tables, eos_ids, limit, adapters, *, cfg: LlamaConfig,
-              config: EngineConfig):
+              config: EngineConfig, greedy: bool = False):
     if config.layout == "paged":
         parked = state.cache.block_tables
         state = state.replace(cache=state.cache.with_tables(tables))
     state, out, count = decode_loop(params, state, None, eos_ids, limit, adapters, cfg=cfg, chunk=config.chunk,
-                                    kernel=config.kernel)
+                                    kernel=config.kernel, greedy=greedy)
     if config.layout == "paged":
         state = state.replace(cache=state.cache.with_tables(parked))
     return _keep_layout(state, cfg, config), out, count
@@ -387,6 +399,31 @@ def _fresh_state_on_mesh(cfg: LlamaConfig, config: EngineConfig) -> DecodeState:
     return _keep_layout(_fresh_state(cfg, config), cfg, config)
 
 
+def _resolve_greedy(greedy: Optional[bool], temperature, done=None) -> bool:
+    """Whether a step may compile only the greedy argmax (`sampling.greedy_tokens`) instead of the
+    whole sampler: a smaller, faster-compiling program with the same tokens, for steps in which no
+    row samples. A host that knows its requests' params passes True or False; None reads the rows'
+    temperatures (those not `done`) and decides. True while some such row samples (temperature > 0)
+    is a `ConfigError`, checked wherever the rows are readable here (not across hosts, where None
+    means False: the whole sampler, right for any rows)."""
+    if greedy is not None and not isinstance(greedy, (bool, np.bool_)):
+        raise ConfigError(f"greedy must be None, True or False, got {greedy!r}")
+    arrays = [temperature] if done is None else [temperature, done]
+    if not all(getattr(a, "is_fully_addressable", True) for a in arrays):
+        return bool(greedy)
+    temps = np.asarray(temperature, np.float32).reshape(-1)
+    if done is not None:
+        live = ~np.broadcast_to(np.asarray(done, np.bool_).reshape(-1), temps.shape)
+        temps = temps[live]
+    sampled = temps[temps > 0]
+    if greedy is None:
+        return sampled.size == 0
+    if greedy and sampled.size:
+        raise ConfigError(f"greedy=True but {sampled.size} row(s) sample (temperature {float(sampled[0])!r} > 0); "
+                          f"pass greedy=None or False for rows that sample")
+    return bool(greedy)
+
+
 @dataclasses.dataclass(frozen=True)
 class Engine:
     """Pure, jitted serving steps over an explicit `DecodeState` with `max_slots` slots.
@@ -417,14 +454,17 @@ class Engine:
         return jax.device_put(_fresh_state(self.cfg, self.config), jax.devices()[0] if device is None else device)
 
     def prefill(self, params, state: DecodeState, slots, tokens, lengths, *, sampling: SamplingParams, rngs,
-                max_tokens, eos_ids, presence, starts=None, tables=None, adapters=None) -> DecodeState:
+                max_tokens, eos_ids, presence, starts=None, tables=None, adapters=None,
+                greedy: Optional[bool] = None) -> DecodeState:
         """Run k prompts into `slots` [k] (JetStream's prefill + insert; the slot `max_slots` marks a
         padding row): tokens [k, bucket] with `lengths` [k] real ones at positions starts + 0..
         (starts [k], default 0: a start > 0 continues the slot's sequence after that many tokens
         already in its blocks, a session's next turn, so only the new tokens run). `sampling` has
         fields [k], `rngs` [k] keys, `max_tokens` [k], `presence` [k, V] the tokens the repetition
-        penalty counts (the whole history), `tables` [k, W] the blocks (paged).
+        penalty counts (the whole history), `tables` [k, W] the blocks (paged). `greedy` (see
+        `_resolve_greedy`): None decides from `sampling`.
         """
+        greedy = _resolve_greedy(greedy, sampling.temperature)
         k = len(slots)
         starts = np.zeros((k,), np.int32) if starts is None else np.asarray(starts, np.int32)
         tables = np.zeros((k, 1), np.int32) if tables is None else tables
@@ -432,13 +472,16 @@ class Engine:
         return prefill_slots(params, state, as_i32(slots), as_i32(tokens), as_i32(lengths), as_i32(starts),
                              jnp.asarray(presence, jnp.bool_), sampling, rngs, as_i32(max_tokens), eos_ids,
                              as_i32(tables), adapters, cfg=self.cfg, config=self.config,
-                             with_context=bool(np.any(starts > 0)))
+                             with_context=bool(np.any(starts > 0)), greedy=greedy)
 
-    def generate(self, params, state: DecodeState, *, eos_ids, limit: int, tables=None, adapters=None):
-        """Up to min(chunk, limit) steps of every slot -> (state, tokens [slots, chunk] (-1 none), count)."""
+    def generate(self, params, state: DecodeState, *, eos_ids, limit: int, tables=None, adapters=None,
+                 greedy: Optional[bool] = None):
+        """Up to min(chunk, limit) steps of every slot -> (state, tokens [slots, chunk] (-1 none), count).
+        `greedy` (see `_resolve_greedy`): None decides from the running slots' temperatures."""
+        greedy = _resolve_greedy(greedy, state.sampling.temperature, state.done)
         tables = jnp.zeros((1, 1), jnp.int32) if tables is None else jnp.asarray(tables, jnp.int32)
         return generate_slots(params, state, tables, eos_ids, jnp.int32(limit), adapters, cfg=self.cfg,
-                         config=self.config)
+                              config=self.config, greedy=greedy)
 
     def free(self, state: DecodeState, slot: int) -> DecodeState:
         """The slot done and empty (its blocks are the host's to reuse)."""

@@ -16,6 +16,7 @@ from typing import Iterator, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from ruvllm_jax import host_memory
 from ruvllm_jax.backend import engine
 from ruvllm_jax.backend.base import StreamCallback
 from ruvllm_jax.backend.sampling import SamplingParams
@@ -150,6 +151,7 @@ class JaxBackend:
         self._device, self._jax_device = device, jax_device
         self._model = _Loaded(params, cfg, config, tokenizer, eos_ids, path, name, layouts[0] if layouts else None)
         self._sessions_engine = None  # sessions belong to the model they were opened on
+        host_memory.release_free_heap()  # the load's row chunks and file metadata are garbage now
 
     @staticmethod
     def _check_load_config(cfg: LlamaConfig, config: ModelConfig) -> None:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ruvllm_jax import host_memory
 from ruvllm_jax.backend.engine import Engine, make_rng, mesh_layout, pow2_bucket
 from ruvllm_jax.backend.sampling import SamplingParams
 from ruvllm_jax.backend.tokenizer import check_token_ids
@@ -74,6 +75,11 @@ class _Request:
     generated: list[int] = dataclasses.field(default_factory=list)
     finished: bool = False
     reason: Optional[str] = None
+
+
+def _all_greedy(reqs: Sequence[_Request]) -> bool:
+    """No request samples: the step compiles only the greedy argmax (see `engine._resolve_greedy`)."""
+    return all(r.params.temperature == 0 for r in reqs)
 
 
 class ServingEngine:
@@ -214,9 +220,11 @@ class ServingEngine:
         outputs: dict[int, list[int]] = collections.defaultdict(list)
         with jax.default_device(self._device) if self._device is not None else contextlib.nullcontext():
             self._admit(outputs)
+            host_memory.release_after_compiles()  # before the decode program compiles, not after both
             running = [r for r in self._slots if r is not None and not r.finished]
             if running:
                 self._decode(running, outputs, limit)
+        host_memory.release_after_compiles()  # a first step's compiles leave freed heap resident
         out = []
         for rid, toks in outputs.items():
             req = self._requests[rid]
@@ -312,7 +320,8 @@ class ServingEngine:
         self._state = eng.prefill(
             self.params, self._state, col(lambda r: r.slot, c.max_slots), tokens, col(lambda r: len(r.feed), 0),
             sampling=sampling, rngs=rngs, max_tokens=col(lambda r: r.params.max_tokens, 1), eos_ids=self._eos,
-            presence=presence, starts=col(lambda r: r.start, 0), tables=tables, adapters=self._current_adapters())
+            presence=presence, starts=col(lambda r: r.start, 0), tables=tables, adapters=self._current_adapters(),
+            greedy=_all_greedy(reqs))
         self.prefilled_tokens += sum(len(r.feed) for r in reqs)
         first = np.asarray(self._state.token)
         for r in reqs:
@@ -334,7 +343,8 @@ class ServingEngine:
             rows = [self.allocator.table(r.seq_id) if r is not None and not r.finished else [] for r in self._slots]
             tables = table_array(rows, self._width(max(len(t) for t in rows)), c.pool_blocks)
         self._state, out, count = eng.generate(self.params, self._state, eos_ids=self._eos, limit=steps,
-                                               tables=tables, adapters=self._current_adapters())
+                                               tables=tables, adapters=self._current_adapters(),
+                                               greedy=_all_greedy(running))
         out = np.asarray(out)[:, : int(count)]
         for req in running:
             self._take(req, [int(t) for t in out[req.slot] if t >= 0], outputs)

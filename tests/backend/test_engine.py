@@ -59,10 +59,15 @@ def test_prompts_in_one_bucket_compile_once(llama_dir):
     backend.generate_tokens([0] + list(range(5, 10)), greedy)  # 6 tokens -> bucket 16
     assert engine.prefill_slots._cache_size() == size + 1
     backend.generate_tokens([0] + list(range(5, 17)), greedy)  # 13 tokens -> same bucket
-    backend.generate_tokens([0] + list(range(5, 17)), greedy.replace(temperature=0.8, top_k=5, seed=1))
     assert engine.prefill_slots._cache_size() == size + 1
-    backend.generate_tokens([0] + list(range(5, 25)), greedy)  # 21 tokens -> bucket 32: one compile
+    # The first sampled request compiles the whole sampler once (greedy steps compile only the
+    # argmax); no sampling value compiles anything after it.
+    backend.generate_tokens([0] + list(range(5, 17)), greedy.replace(temperature=0.8, top_k=5, seed=1))
     assert engine.prefill_slots._cache_size() == size + 2
+    backend.generate_tokens([0] + list(range(5, 15)), greedy.replace(temperature=0.3, top_p=0.6, seed=2))
+    assert engine.prefill_slots._cache_size() == size + 2
+    backend.generate_tokens([0] + list(range(5, 25)), greedy)  # 21 tokens -> bucket 32: one compile
+    assert engine.prefill_slots._cache_size() == size + 3
 
 
 def test_streaming_decode_compiles_once(llama_dir):

@@ -28,6 +28,7 @@ from ruvllm_jax.backend.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    greedy_tokens,
     presence_from_tokens,
     process_logits,
     sample,
@@ -250,6 +251,32 @@ def test_greedy_is_argmax_of_penalized_logits():
     np.testing.assert_array_equal(got, pen.argmax(-1))
     assert (got != top).all()
     assert got.dtype == np.int32
+
+
+@HYP
+@given(seed=st.integers(0, 2**16), b=BATCHES, v=VOCABS, penalty=st.sampled_from([1.0, 0.7, 1.3, 1e3]),
+       per_row=st.booleans())
+def test_greedy_tokens_are_hf_penalty_then_argmax_and_samples_greedy_rows(seed, b, v, penalty, per_row):
+    """The engine's greedy-only program draws with `greedy_tokens`: HF's repetition penalty then
+    torch's argmax, and the same tokens `sample` gives rows at temperature 0 whatever their filters."""
+    rng = np.random.default_rng(seed)
+    x = _logits(seed, b, v)
+    ids = rng.integers(0, v, size=(b, 5)).astype(np.int64)
+    presence = presence_from_tokens(jnp.asarray(ids, jnp.int32), jnp.full((b,), 5), v)
+    pens = rng.choice([1.0, penalty], size=b).astype(np.float32) if per_row else np.float32(penalty)
+    params = SamplingParams(temperature=jnp.zeros(np.shape(pens), jnp.float32), top_k=jnp.full(np.shape(pens), 3),
+                            top_p=jnp.full(np.shape(pens), 0.5, jnp.float32), repetition_penalty=jnp.asarray(pens))
+    got = np.asarray(jax.jit(greedy_tokens)(jnp.asarray(x), presence, params))
+    assert got.dtype == np.int32 and got.shape == (b,)
+    ref = []
+    for r in range(b):
+        pen = float(pens[r]) if per_row else float(pens)
+        row = RepetitionPenaltyLogitsProcessor(pen)(torch.from_numpy(ids[r : r + 1]),
+                                                    torch.from_numpy(x[r : r + 1].copy()))
+        ref.append(int(torch.argmax(row, dim=-1)))
+    np.testing.assert_array_equal(got, ref)
+    drawn = jax.jit(sample)(jax.random.key(seed), jnp.asarray(x), presence, params)
+    np.testing.assert_array_equal(got, np.asarray(drawn))
 
 
 def test_seeded_sampling_repeats_and_seeds_differ():
