@@ -156,8 +156,12 @@ def child(spec: dict) -> dict:
     `peak_over_load` is the peak RSS from just before the load through the first generation, minus
     the RSS just before it (the interpreter and the engine's libraries), over the bytes of weights
     the engine keeps: the issue's one-copy target is <= 1.25. `beyond_weights_gb` is the rest: for
-    ruvllm_jax mostly the fixed cost of tracing and compiling the first generation (about 0.3 GB
-    whatever the model's size: the 14 MB embedded model shows it too).
+    ruvllm_jax mostly XLA compiling the first generation's two programs, a cost that does not grow
+    with the weights' bytes (the 14 MB embedded model pays it too). Measured on the 0.5B shape, Q8_0:
+    ~0.04 GB for XLA's first compile of any program, ~0.2 GB transient per program (most of it for
+    the sampler's filters; a greedy generation compiles only the argmax), ~0.06 GB kept per
+    executable. `after_first_gb` is the RSS left after the first generation (freed compile memory
+    is trimmed back to the OS, see `ruvllm_jax.host_memory`).
     """
     engine_name, path, prompt, new = spec["engine"], spec["path"], spec["prompt"], spec["new_tokens"]
     repeats, threads = spec["repeats"], spec["threads"]

@@ -8,7 +8,9 @@ chunk new keys/values go to a short `SegmentedKVCache` segment, written back onc
 the loop never copies the whole cache.
 
 Shapes are bucketed so nothing recompiles per prompt: prompts pad to a power of two (>= 16) and the
-cache to a power of two >= prompt + max_tokens, capped at the model's `max_context`.
+cache to a power of two >= prompt + max_tokens, capped at the model's `max_context`. Sampling
+values are traced too; only whether any row samples is static (`greedy`: steps of greedy rows
+compile just the argmax, ~0.1 GB less compile memory and time on XLA:CPU; see `_resolve_greedy`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,10 @@ Semantics follow transformers' logits processors, applied in the order `generate
 (RepetitionPenalty -> Temperature -> TopK -> TopP -> sample), so a model served here samples from
 the same distribution as under HF. Every parameter is a traced scalar (`SamplingParams` is a
 pytree), so one compiled decode step serves any temperature/top-k/top-p/penalty without
-recompiling, and everything runs inside `jax.jit` and `lax.while_loop`.
+recompiling, and everything runs inside `jax.jit` and `lax.while_loop`. The one static split is
+`greedy_tokens`: steps in which no row samples compile only the argmax of the penalized logits (the
+serving engine knows when), a much smaller program; the first sampled request then compiles the
+whole sampler once.
 
 For continuous batching, each field may instead be a per-row `[B]` array (`SamplingParams.stack`,
 `with_row`) and `sample` may take a `[B]` array of keys: every row then gets exactly (bit for bit)
