@@ -5,8 +5,10 @@ import ml_collections
 
 def get_config():
     c = ml_collections.ConfigDict()
-    # Which comparisons to run: "qwen_shape" (random weights, Qwen2.5-0.5B dimensions) and/or
-    # "embedded" (the model shipped in the package).
+    # Which comparisons to run: "qwen_shape" (random weights, Qwen2.5-0.5B dimensions), "embedded"
+    # (the model shipped in the package) and/or "qwen_1p5b_shape" (Qwen2.5-1.5B dimensions, 6.2 GB
+    # of f32 weights to build: not run by default; it shows how peak/weights falls as weights grow
+    # past the first generation's fixed compile cost).
     c.models = "qwen_shape,embedded"
     # Rows, "engine:precision[:gguf]": precision "keep" = what the file holds (ModelConfig.quantization
     # None); a gguf name (F16, Q8_0, Q4_K_M, Q4_K) means that GGUF of the same model, else the safetensors.
@@ -16,6 +18,7 @@ def get_config():
         "llama.cpp:keep:F16", "llama.cpp:keep:Q8_0", "llama.cpp:keep:Q4_K_M",
     ])
     c.embedded_engines = "ruvllm_jax:FP32,ruvllm_jax:Q8,transformers:FP32"
+    c.large_engines = "ruvllm_jax:keep:Q8_0,ruvllm_jax:keep:Q4_K_M,llama.cpp:keep:Q8_0,llama.cpp:keep:Q4_K_M"
     # Decode ratios printed and saved: (ours, theirs) as (engine, weights label).
     c.ratios = [
         (("ruvllm_jax", "keep (Q8_0)"), ("llama.cpp", "keep (Q8_0)")),
@@ -37,6 +40,12 @@ def get_config():
     c.qwen = ml_collections.ConfigDict(dict(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+        tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    ))
+    # Qwen2.5-1.5B dimensions.
+    c.large = ml_collections.ConfigDict(dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
         tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
     ))
     return c

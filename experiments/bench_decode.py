@@ -106,12 +106,12 @@ def bench_transformers(model, prompt_ids: list[int], new_tokens: int, repeats: i
             "torch": torch.__version__, "threads": threads}
 
 
-def qwen_shape_model(c, tmp: str):
+def qwen_shape_model(c, tmp: str, dims=None):
     import torch
     import transformers as tf
 
     torch.manual_seed(c.seed)
-    cfg = tf.Qwen2Config(**c.qwen.to_dict())
+    cfg = tf.Qwen2Config(**(c.qwen if dims is None else dims).to_dict())
     model = tf.Qwen2ForCausalLM(cfg).eval().float()
     model.save_pretrained(tmp)
     import shutil
@@ -323,14 +323,17 @@ def main(argv):
         with tempfile.TemporaryDirectory() as tmp:
             if name == "qwen_shape":
                 model, folder, new_tokens = qwen_shape_model(c, tmp), tmp, c.new_tokens
+            elif name == "qwen_1p5b_shape":
+                model, folder, new_tokens = qwen_shape_model(c, tmp, c.large), tmp, c.new_tokens
             elif name == "embedded":
                 (model, folder), new_tokens = embedded_model(), c.embedded_new_tokens
             else:
-                raise app.UsageError(f"unknown model {name!r}; expected qwen_shape or embedded")
+                raise app.UsageError(f"unknown model {name!r}; expected qwen_shape, qwen_1p5b_shape or embedded")
             vocab = model.config.vocab_size
             del model  # every row loads its own copy in a child process
             prompt = np.random.default_rng(c.seed).integers(3, vocab, c.prompt_tokens).tolist()
-            engines = [e.strip() for e in (c.engines if name == "qwen_shape" else c.embedded_engines).split(",")]
+            listed = {"qwen_shape": c.engines, "qwen_1p5b_shape": c.large_engines}.get(name, c.embedded_engines)
+            engines = [e.strip() for e in listed.split(",")]
             gguf_dir = os.path.join(tmp, "gguf")
             os.makedirs(gguf_dir, exist_ok=True)
             wanted = sorted({e.split(":")[2] for e in engines if e.count(":") == 2})
