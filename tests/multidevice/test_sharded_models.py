@@ -285,3 +285,29 @@ def test_a_gguf_loads_onto_the_mesh_and_two_tier_cache_generates_sharded(tmp_pat
     long = GREEDY.replace(max_tokens=60)  # past the tail: tokens migrate into the quantized store
     two_tier = backends(None, (2, 2), kv_cache_config=kv)
     assert two_tier.generate("ROMEO:", long) == backends(None, None, kv_cache_config=kv).generate("ROMEO:", long)
+
+
+def test_sessions_and_sampled_requests_on_a_mesh_equal_one_device(backends):
+    """A two-turn session (the second turn prefills only its new tokens, through the paged blocks),
+    and seeded sampled requests beside a greedy one (the whole sampler's program, which greedy-only
+    steps never compile), give one device's tokens on a 2x2 mesh."""
+    one, sharded = backends(None, None), backends(None, (2, 2))
+    tok = one.tokenizer()
+    first, second = tok.encode("ROMEO:"), tok.encode("\nJULIET:", add_special_tokens=False)
+    sampled = GenerateParams(max_tokens=12, temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.1, seed=11)
+
+    def run(backend):
+        with backend.session() as s:
+            reply1 = s.generate_tokens(first, GREEDY)
+            before = s.prefilled_tokens
+            reply2 = s.generate_tokens(second, GREEDY)
+            fed = s.prefilled_tokens - before
+        server = backend.serving_engine()
+        rids = [server.add_request(first, p) for p in (sampled, GREEDY, sampled.replace(seed=12))]
+        out = server.run()
+        return reply1, reply2, fed, [out[r] for r in rids]
+
+    want, got = run(one), run(sharded)
+    assert got == want
+    assert want[2] == len(second) + (len(want[0]) == GREEDY.max_tokens)  # only the new turn was prefilled
+    assert want[3][0] != want[3][2]  # two seeds, two draws: the sampler really sampled
