@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 
@@ -30,7 +30,7 @@ _malloc_trim = None  # the C function, once looked up
 _looked_up = False
 
 
-def _trim_function() -> Optional[ctypes._CFuncPtr]:
+def _trim_function() -> Optional[Callable[[int], int]]:
     global _malloc_trim, _looked_up
     if not _looked_up:
         _looked_up = True
