@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -233,6 +233,28 @@ def make_rng(seed: Optional[int]) -> jax.Array:
     return jax.random.fold_in(key, seed >> 32)
 
 
+def make_rngs(seeds: Sequence[Optional[int]]) -> jax.Array:
+    """`make_rng(seed)` for each seed, stacked into keys [len(seeds)], by one small jitted program.
+
+    Why not stack `make_rng`s: each of its eager ops (the seeding, the fold-in, the stack) is an XLA
+    program of its own, compiled on first use (each kept ~1.5 MB and tens of ms of a first prefill)."""
+    halves = np.zeros((2, len(seeds)), np.uint32)
+    for i, seed in enumerate(seeds):
+        if seed is None:
+            import secrets
+
+            seed = secrets.randbits(64)
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+            raise ConfigError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
+        halves[:, i] = (int(seed) & 0xFFFFFFFF, int(seed) >> 32)
+    return _keys_from_halves(halves[0], halves[1])
+
+
+@jax.jit
+def _keys_from_halves(low: jax.Array, high: jax.Array) -> jax.Array:
+    return jax.vmap(lambda lo, hi: jax.random.fold_in(jax.random.key(lo), hi))(low, high)
+
+
 # --------------------------------------------------------------------------------------------------
 # The engine: slots, a paged pool, one decode step for every slot (JetStream's engine_api shape).
 
@@ -395,6 +417,13 @@ def _fresh_state(cfg: LlamaConfig, config: EngineConfig) -> DecodeState:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "config"))
+def _fresh_state_program(cfg: LlamaConfig, config: EngineConfig) -> DecodeState:
+    """`_fresh_state` as one program: built eagerly, its zeros, ones, key and split were ~10 small XLA
+    programs compiled on an engine's first use (~1.5 MB kept and some ms each)."""
+    return _fresh_state(cfg, config)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "config"))
 def _fresh_state_on_mesh(cfg: LlamaConfig, config: EngineConfig) -> DecodeState:
     """`_fresh_state` created on the mesh's devices by the layout (no host copy to place: across hosts
     each process makes only its own shards)."""
@@ -453,7 +482,8 @@ class Engine:
             return _fresh_state_on_mesh(self.cfg, self.config)
         # Committed to the device like every state a step returns: an uncommitted first state
         # would make the first prefill compile a second executable.
-        return jax.device_put(_fresh_state(self.cfg, self.config), jax.devices()[0] if device is None else device)
+        state = _fresh_state_program(self.cfg, self.config)
+        return jax.device_put(state, jax.devices()[0] if device is None else device)
 
     def prefill(self, params, state: DecodeState, slots, tokens, lengths, *, sampling: SamplingParams, rngs,
                 max_tokens, eos_ids, presence, starts=None, tables=None, adapters=None,
@@ -481,13 +511,19 @@ class Engine:
         """Up to min(chunk, limit) steps of every slot -> (state, tokens [slots, chunk] (-1 none), count).
         `greedy` (see `_resolve_greedy`): None decides from the running slots' temperatures."""
         greedy = _resolve_greedy(greedy, state.sampling.temperature, state.done)
-        tables = jnp.zeros((1, 1), jnp.int32) if tables is None else jnp.asarray(tables, jnp.int32)
-        return generate_slots(params, state, tables, eos_ids, jnp.int32(limit), adapters, cfg=self.cfg,
+        # Host values (numpy), not eager jnp ops: those would each compile a small program.
+        if tables is None:
+            tables = np.zeros((1, 1), np.int32)
+        elif not isinstance(tables, jax.Array):
+            tables = np.asarray(tables, np.int32)
+        else:
+            tables = jnp.asarray(tables, jnp.int32)
+        return generate_slots(params, state, tables, eos_ids, np.int32(limit), adapters, cfg=self.cfg,
                               config=self.config, greedy=greedy)
 
     def free(self, state: DecodeState, slot: int) -> DecodeState:
         """The slot done and empty (its blocks are the host's to reuse)."""
-        return free_slot(state, jnp.int32(slot))
+        return free_slot(state, np.int32(slot))
 
     def copy_blocks(self, state: DecodeState, copies) -> DecodeState:
         """Copy-on-write copies the allocator asked for, on the pool."""

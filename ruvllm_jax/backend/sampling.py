@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax import lax
 
@@ -67,12 +68,15 @@ class SamplingParams:
     def create(
         cls, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0
     ) -> "SamplingParams":
-        """Build from Python numbers (unvalidated; use `from_generate_params` for user input)."""
+        """Build from Python numbers (unvalidated; use `from_generate_params` for user input).
+
+        The fields are host (numpy) scalars: jit takes them as they are, and `stack` stacks them on the
+        host; `jnp.asarray` of a Python number would compile a small cast program on first use."""
         return cls(
-            temperature=jnp.asarray(temperature, jnp.float32),
-            top_k=jnp.asarray(top_k, jnp.int32),
-            top_p=jnp.asarray(top_p, jnp.float32),
-            repetition_penalty=jnp.asarray(repetition_penalty, jnp.float32),
+            temperature=np.asarray(temperature, np.float32),
+            top_k=np.asarray(top_k, np.int32),
+            top_p=np.asarray(top_p, np.float32),
+            repetition_penalty=np.asarray(repetition_penalty, np.float32),
         )
 
     @classmethod
@@ -98,7 +102,12 @@ class SamplingParams:
         return cls.create(p.temperature, p.top_k, p.top_p, p.repetition_penalty)
 
     def _fields(self) -> dict[str, jax.Array]:
-        return {name: jnp.asarray(getattr(self, name), dt) for name, dt in _FIELD_DTYPES.items()}
+        """Each field in its dtype; host (numpy) fields stay on the host."""
+        out = {}
+        for name, dt in _FIELD_DTYPES.items():
+            a = getattr(self, name)
+            out[name] = np.asarray(a, dt) if isinstance(a, (np.ndarray, np.generic)) else jnp.asarray(a, dt)
+        return out
 
     @classmethod
     def stack(cls, rows: Sequence["SamplingParams"]) -> "SamplingParams":
@@ -111,7 +120,8 @@ class SamplingParams:
             bad = {n: a.shape for n, a in f.items() if a.ndim != 0}
             if bad:
                 raise ValueError(f"SamplingParams.stack takes scalar rows; row {i} has non-scalar fields {bad}")
-        return cls(**{n: jnp.stack([f[n] for f in fields]) for n in _FIELD_DTYPES})
+        on_host = all(isinstance(a, np.ndarray) for f in fields for a in f.values())
+        return cls(**{n: (np.stack if on_host else jnp.stack)([f[n] for f in fields]) for n in _FIELD_DTYPES})
 
     def broadcast(self, b: int) -> "SamplingParams":
         """Every field as `[b]`: scalars repeated, `[b]` fields unchanged (other shapes are an error)."""
@@ -132,7 +142,7 @@ class SamplingParams:
                     f"with_row needs [B] fields and a scalar row; got {n} of shape {a.shape} and row {r.shape} "
                     "(use broadcast(b) or stack(rows) first)"
                 )
-            out[n] = a.at[i].set(r)
+            out[n] = jnp.asarray(a).at[i].set(r)
         return type(self)(**out)
 
     def row(self, i) -> "SamplingParams":

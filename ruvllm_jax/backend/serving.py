@@ -26,11 +26,10 @@ import itertools
 from typing import Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ruvllm_jax import host_memory
-from ruvllm_jax.backend.engine import Engine, make_rng, mesh_layout, pow2_bucket
+from ruvllm_jax.backend.engine import Engine, make_rngs, mesh_layout, pow2_bucket
 from ruvllm_jax.backend.sampling import SamplingParams
 from ruvllm_jax.backend.tokenizer import check_token_ids
 from ruvllm_jax.cache.allocator import PagedAllocator
@@ -92,7 +91,7 @@ class ServingEngine:
         self.engine = engine
         self.params = params
         self.eos_ids = tuple(int(t) for t in eos_ids)
-        self._eos = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
+        self._eos = np.asarray(self.eos_ids or (-1,), np.int32)  # numpy: jnp.asarray would compile a cast
         self._adapters = adapters if adapters is not None else (lambda: None)
         self._device = device
         c = engine.config
@@ -315,7 +314,7 @@ class ServingEngine:
             width = self._width(max(len(b) for b in blocks)) if continued else c.blocks_per_seq
             tables = table_array(blocks, width, c.pool_blocks)
         col = lambda f, fill: np.asarray([f(r) for r in reqs] + [fill] * pad, np.int32)  # noqa: E731
-        rngs = jnp.stack([make_rng(r.params.seed) for r in reqs] + [jax.random.key(0)] * pad)
+        rngs = make_rngs([r.params.seed for r in reqs] + [0] * pad)
         sampling = SamplingParams.stack([r.sampling for r in reqs] + [SamplingParams.create()] * pad)
         self._state = eng.prefill(
             self.params, self._state, col(lambda r: r.slot, c.max_slots), tokens, col(lambda r: len(r.feed), 0),

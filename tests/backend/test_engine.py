@@ -4,18 +4,21 @@ the shape checks that guard the pure model functions.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import GenerationConfig
 
 from ruvllm_jax.backend import engine
 from ruvllm_jax.backend.jax_backend import JaxBackend
 from ruvllm_jax.backend.sampling import SamplingParams
 from ruvllm_jax.cache import ContiguousKVCache
-from ruvllm_jax.errors import GenerationError, KvCacheError
+from ruvllm_jax.errors import ConfigError, GenerationError, KvCacheError
 from ruvllm_jax.models import llama, loader
 from ruvllm_jax.types import GenerateParams, ModelConfig
 
@@ -136,3 +139,24 @@ def test_seeds_make_distinct_keys():
     keys = {tuple(np.asarray(jax.random.key_data(engine.make_rng(s))).ravel()) for s in (0, 1, 2**32, 2**40 + 1)}
     assert len(keys) == 4
     assert np.array_equal(jax.random.key_data(engine.make_rng(5)), jax.random.key_data(engine.make_rng(5)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=5))
+def test_make_rngs_equals_make_rng_per_seed(seeds):
+    """The batched, one-program keys of a prefill are jax's own `fold_in(key(low), high)` per seed."""
+    keys = engine.make_rngs(seeds)
+    chex.assert_shape(keys, (len(seeds),))
+    want = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(s & 0xFFFFFFFF), s >> 32)))
+                     for s in seeds])
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(keys)), want)
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(keys)),
+                                  np.stack([np.asarray(jax.random.key_data(engine.make_rng(s))) for s in seeds]))
+
+
+def test_make_rngs_draws_fresh_entropy_for_none_and_refuses_bad_seeds():
+    a, b = np.asarray(jax.random.key_data(engine.make_rngs([None, None])))
+    assert not np.array_equal(a, b)
+    for bad in (2**64, -1, True, 5.0, "5"):
+        with pytest.raises(ConfigError, match=r"seed must be None or an int in \[0, 2\*\*64\)"):
+            engine.make_rngs([1, bad])
