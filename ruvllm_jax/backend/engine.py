@@ -222,13 +222,7 @@ def make_rng(seed: Optional[int]) -> jax.Array:
     gives its own stream (and seeds below 2**63 keep the streams they always had). A seed outside
     the range, a bool or a non-int is a `ConfigError`: masking it would alias another seed.
     """
-    if seed is None:
-        import secrets
-
-        seed = secrets.randbits(64)
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
-        raise ConfigError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
-    seed = int(seed)
+    seed = _seed_value(seed)
     key = jax.random.key(seed & 0xFFFFFFFF)
     return jax.random.fold_in(key, seed >> 32)
 
@@ -238,16 +232,20 @@ def make_rngs(seeds: Sequence[Optional[int]]) -> jax.Array:
 
     Why not stack `make_rng`s: each of its eager ops (the seeding, the fold-in, the stack) is an XLA
     program of its own, compiled on first use (each kept ~1.5 MB and tens of ms of a first prefill)."""
-    halves = np.zeros((2, len(seeds)), np.uint32)
-    for i, seed in enumerate(seeds):
-        if seed is None:
-            import secrets
+    values = [_seed_value(s) for s in seeds]
+    low = np.asarray([v & 0xFFFFFFFF for v in values], np.uint32)
+    high = np.asarray([v >> 32 for v in values], np.uint32)
+    return _keys_from_halves(low, high)
 
-            seed = secrets.randbits(64)
-        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
-            raise ConfigError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
-        halves[:, i] = (int(seed) & 0xFFFFFFFF, int(seed) >> 32)
-    return _keys_from_halves(halves[0], halves[1])
+
+def _seed_value(seed: Optional[int]) -> int:
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbits(64)
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
+    return int(seed)
 
 
 @jax.jit
