@@ -1,12 +1,13 @@
 """Single-sequence decode before and after a change, in one run: this checkout against another.
 
     git worktree add /tmp/base <old commit>
-    python experiments/bench_ab_decode.py --base=/tmp/base [--models=embedded,qwen_shape]
+    python experiments/bench_ab_decode.py --base=/tmp/base [--models=embedded,qwen_shape] [--files=a.gguf,...]
 
 Each measurement is a fresh child process importing `ruvllm_jax` from one of the two trees
 (PYTHONPATH), alternating old/new `rounds` times so machine drift hits both alike. A child loads
 the model with `JaxBackend`, disables EOS, warms up, then times `generate_tokens` for 1 and for
-`new_tokens` tokens: decode tok/s = (new_tokens - 1) / (t_new - t_1), the path users call. Prints
+`new_tokens` tokens: decode tok/s = (new_tokens - 1) / (t_new - t_1), the path users call. `--files` adds models
+from paths (GGUF files or HF folders, e.g. the Q8_0 / Q4_K_M files `bench_decode` races). Prints
 the medians and the ratio new/old and writes JSON.
 """
 
@@ -69,15 +70,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True, help="checkout of the old commit (a git worktree)")
     ap.add_argument("--models", default="embedded,qwen_shape")
+    ap.add_argument("--files", default="", help="comma-separated model paths (GGUF files or HF folders) to add")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--output", default="experiments/results/bench_ab_decode.json")
     a = ap.parse_args()
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for model in a.models.split(","):
-            folder, prompt, new, reps = ("", 32, 224, 3) if model == "embedded" else (
-                qwen_shape_folder(tmp), 32, 64, 2)
+        models = [m for m in a.models.split(",") if m] + [f for f in a.files.split(",") if f]
+        for model in models:
+            if model == "embedded":
+                folder, prompt, new, reps = "", 32, 224, 3
+            elif model == "qwen_shape":
+                folder, prompt, new, reps = qwen_shape_folder(tmp), 32, 64, 2
+            else:
+                folder, prompt, new, reps = os.path.abspath(model), 32, 64, 2
             runs = {"old": [], "new": []}
             for _ in range(a.rounds):
                 for name, tree in (("old", a.base), ("new", here)):

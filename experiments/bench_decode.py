@@ -156,12 +156,15 @@ def child(spec: dict) -> dict:
     `peak_over_load` is the peak RSS from just before the load through the first generation, minus
     the RSS just before it (the interpreter and the engine's libraries), over the bytes of weights
     the engine keeps: the issue's one-copy target is <= 1.25. `beyond_weights_gb` is the rest: for
-    ruvllm_jax mostly XLA compiling the first generation's two programs, a cost that does not grow
-    with the weights' bytes (the 14 MB embedded model pays it too). Measured on the 0.5B shape, Q8_0:
-    ~0.04 GB for XLA's first compile of any program, ~0.2 GB transient per program (most of it for
-    the sampler's filters; a greedy generation compiles only the argmax), ~0.06 GB kept per
-    executable. `after_first_gb` is the RSS left after the first generation (freed compile memory
-    is trimmed back to the OS, see `ruvllm_jax.host_memory`).
+    ruvllm_jax mostly XLA building the first generation's programs, a cost that grows with the layers,
+    not the weights' bytes (the 14 MB embedded model pays 0.18 GB). Measured by stage on the 0.5B shape,
+    Q8_0 (`experiments/memory_stages.py`): the load keeps 0.035 GB over the weights; the engine's fresh
+    state, the process's first XLA compile, 0.06; the prefill program 0.10 while it compiles and ~0.04
+    kept; the decode program 0.13 and ~0.05 kept. A warm compilation cache barely helps: loading the
+    24-layer executables costs 0.07 / 0.12 GB too (a 1-layer model's, 0.01).
+    `first_generation_compiles` counts the XLA programs the first generation built (5).
+    `after_first_gb` is the RSS left after the first generation (freed compile memory is trimmed back
+    to the OS, see `ruvllm_jax.host_memory`).
     """
     engine_name, path, prompt, new = spec["engine"], spec["path"], spec["prompt"], spec["new_tokens"]
     repeats, threads = spec["repeats"], spec["threads"]
@@ -181,11 +184,14 @@ def child(spec: dict) -> dict:
         # peak and the RSS left after it are this row's memory figures; the timing below may compile
         # its own engine's programs again, after them.
         t0 = time.perf_counter()
+        from ruvllm_jax import host_memory
         from ruvllm_jax.types import GenerateParams
 
+        compiles = host_memory.compile_count()
         backend.generate_tokens(prompt, GenerateParams(max_tokens=new, temperature=0.0, repetition_penalty=1.0))
         first = {"first_generation_s": time.perf_counter() - t0, "peak": _peak_rss_gb(), "after": _rss_gb(),
-                 "after_load_gb": after_load - base}
+                 "after_load_gb": after_load - base,
+                 "first_generation_compiles": host_memory.compile_count() - compiles}
         out = bench_ruvllm(backend, prompt, new, repeats)
         out["dtype"] = backend.model_info().dtype
         from ruvllm_jax.quant import native
