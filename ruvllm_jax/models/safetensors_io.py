@@ -111,7 +111,9 @@ class SafetensorsFile:
                     header = json.loads(f.read(n))
             except (OSError, ValueError) as e:
                 raise ModelError(f"safetensors file {self.path!r}: cannot re-read its header: {e}") from None
-            self._offsets = {k: 8 + n + int(v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
+            # serde, which the package parses with, also reads an entry from a [dtype, shape, data_offsets] list.
+            self._offsets = {k: 8 + n + int((v["data_offsets"] if isinstance(v, dict) else v[2])[0])
+                             for k, v in header.items() if k != "__metadata__"}
         return self._offsets[name]
 
     def keys(self) -> list[str]:
