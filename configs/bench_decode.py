@@ -30,6 +30,9 @@ def get_config():
     c.new_tokens = 128  # for qwen_shape
     c.embedded_new_tokens = 256
     c.repeats = 3  # median of this many timed runs, after one warm-up
+    # Each row's process this many times, the engines alternating round by round; the table shows each
+    # figure's median over the rounds (this VM's decode speed drifts +-25 % within minutes).
+    c.rounds = 1
     c.threads = 2  # torch and llama.cpp threads (XLA uses all cores)
     c.seed = 0
     # False: every row runs with ruvllm_jax's persistent compilation cache off, so its first

@@ -10,10 +10,11 @@ the weights' bytes as kept and the peak RSS from the load through the first gene
 and the RSS left after it (ruvllm_jax: after `JaxBackend.generate_tokens`, the first generation a
 user runs, compiles included: children run with the persistent compilation cache off unless
 `compilation_cache` is set; the others: at the end of their run).
-Each row runs in its own process. The GGUF files are written once per run from the same random
-model (F16 and Q8_0 by ruvllm_jax's exporter, Q4_K_M by llama.cpp's quantizer), and every engine
-that reads GGUF reads the very same file. Prints a table and writes JSON. Random weights are fine
-for speed: the work per token does not depend on them.
+Each row runs in its own process, `rounds` times with the engines alternating (each figure is then
+the median over the rounds; the issue's "one run" is rounds=1, the default). The GGUF files are
+written once per run from the same random model (F16 and Q8_0 by ruvllm_jax's exporter, Q4_K_M by
+llama.cpp's quantizer), and every engine that reads GGUF reads the very same file. Prints a table
+and writes JSON. Random weights are fine for speed: the work per token does not depend on them.
 """
 
 from __future__ import annotations
@@ -310,6 +311,22 @@ def make_gguf_files(folder: str, out_dir: str, want: list[str]) -> dict[str, str
     return files
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """A row's figures over its rounds: each number the median of the rounds (the first error if any
+    round failed), and the rounds' decode tok/s and peaks as lists."""
+    errors = [r for r in runs if "error" in r]
+    if errors:
+        return errors[0]
+    out = dict(runs[0])
+    for k, v in runs[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+            out[k] = statistics.median(r[k] for r in runs)
+    out["rounds"] = len(runs)
+    out["decode_tok_s_runs"] = [r["decode_tok_s"] for r in runs]
+    out["peak_over_load_runs"] = [r["peak_over_load"] for r in runs]
+    return out
+
+
 def _type_mix(path: str) -> str:
     """Bytes per GGML type in a GGUF, largest first: what a "Q4_K_M" file really holds."""
     counts: dict[str, int] = {}
@@ -347,20 +364,25 @@ def main(argv):
             for f, path in files.items():
                 if path:
                     mixes[f"{name} {f}"] = _type_mix(path)
+            runs: dict[str, list[dict]] = {}
+            for rnd in range(c.rounds):  # rounds alternate the engines, so machine drift hits all alike
+                for e in engines:
+                    engine_name, quant, *src = e.split(":")
+                    path = folder if not src else files.get(src[0])
+                    spec = {"engine": engine_name, "path": path, "quantization": None if quant == "keep" else quant,
+                            "prompt": prompt, "new_tokens": new_tokens, "repeats": c.repeats, "threads": c.threads,
+                            "compilation_cache": c.compilation_cache}
+                    if path is None:
+                        r = {"error": "llama-cpp-python is not installed (bash experiments/install_bench.sh)"}
+                    else:
+                        print(f"running {name} {e} (round {rnd + 1} of {c.rounds}) ...", flush=True)
+                        r = run_child(spec)
+                    runs.setdefault(e, []).append(r)
             for e in engines:
                 engine_name, quant, *src = e.split(":")
-                path = folder if not src else files.get(src[0])
                 label = f"{quant} ({src[0] if src else 'safetensors'})"
-                spec = {"engine": engine_name, "path": path, "quantization": None if quant == "keep" else quant,
-                        "prompt": prompt, "new_tokens": new_tokens, "repeats": c.repeats, "threads": c.threads,
-                        "compilation_cache": c.compilation_cache}
-                if path is None:
-                    r = {"error": "llama-cpp-python is not installed (bash experiments/install_bench.sh)"}
-                else:
-                    print(f"running {name} {engine_name} {label} ...", flush=True)
-                    r = run_child(spec)
                 rows.append({"model": name, "engine": engine_name, "weights": label, "prompt_tokens": c.prompt_tokens,
-                             "new_tokens": new_tokens, **r})
+                             "new_tokens": new_tokens, **_median_run(runs[e])})
 
     by_model: dict[str, dict] = {}
     for r in rows:
@@ -375,18 +397,24 @@ def main(argv):
               f"{r['decode_tok_s']:12.1f} {r['weights_gb']:10.3f} {r['peak_over_load'] or float('nan'):12.2f} "
               f"{r['beyond_weights_gb']:9.3f} {r['after_first_gb'] / r['weights_gb']:13.2f} "
               f"{r.get('first_generation_s', float('nan')):9.1f}")
-    ratios = {}
+    ratios, paired_ratios = {}, {}
     for model, got in by_model.items():
         for ours, theirs in c.ratios:
             a, b = got.get(tuple(ours)), got.get(tuple(theirs))
             if a and b and "decode_tok_s" in a and "decode_tok_s" in b:
                 key = f"{model}: {ours[0]} {ours[1]} / {theirs[0]} {theirs[1]}"
                 ratios[key] = a["decode_tok_s"] / b["decode_tok_s"]
-                print(f"{key}: {ratios[key]:.2f}x")
+                line = f"{key}: {ratios[key]:.2f}x"
+                if a.get("rounds", 1) > 1 and a.get("rounds") == b.get("rounds"):  # same-round pairs
+                    paired = [x / y for x, y in zip(a["decode_tok_s_runs"], b["decode_tok_s_runs"], strict=True)]
+                    paired_ratios[key] = paired
+                    line += f" (round by round: {', '.join(f'{x:.2f}' for x in paired)})"
+                print(line)
     for k, v in mixes.items():
         print(f"{k}: {v}")
     out = {"machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count()},
-           "config": c.to_dict(), "results": rows, "decode_ratios": ratios, "gguf_type_mix": mixes}
+           "config": c.to_dict(), "results": rows, "decode_ratios": ratios, "decode_ratios_by_round": paired_ratios,
+           "gguf_type_mix": mixes}
     os.makedirs(os.path.dirname(c.output) or ".", exist_ok=True)
     with open(c.output, "w") as f:
         json.dump(out, f, indent=2)
