@@ -160,9 +160,9 @@ def child(spec: dict) -> dict:
     ruvllm_jax mostly XLA building the first generation's programs, a cost that grows with the layers,
     not the weights' bytes (the 14 MB embedded model pays 0.18 GB). Measured by stage on the 0.5B shape,
     Q8_0 (`experiments/memory_stages.py`): the load keeps 0.035 GB over the weights; the engine's fresh
-    state, the process's first XLA compile, 0.06; the prefill program 0.10 while it compiles and ~0.04
-    kept; the decode program 0.13 and ~0.05 kept. A warm compilation cache barely helps: loading the
-    24-layer executables costs 0.07 / 0.12 GB too (a 1-layer model's, 0.01).
+    state, the process's first XLA compile, 0.06; the prefill program 0.08-0.10 while it compiles and ~0.04
+    kept; the decode program 0.12-0.13 and ~0.05 kept. A warm compilation cache barely helps: loading the
+    24-layer executables costs 0.06-0.07 / 0.11-0.12 GB too (a 1-layer model's, 0.01).
     `first_generation_compiles` counts the XLA programs the first generation built (5).
     `after_first_gb` is the RSS left after the first generation (freed compile memory is trimmed back
     to the OS, see `ruvllm_jax.host_memory`).
