@@ -62,6 +62,16 @@ def test_release_free_heap_returns_freed_pages_to_the_os():
     assert not trimmed and freed - after < 20  # no trim, no change: the drop above is the trim's
 
 
+def test_without_malloc_trim_every_call_is_a_no_op_that_says_false(monkeypatch):
+    """The path a non-glibc C library takes (macOS, musl: no `malloc_trim` symbol), on any machine."""
+    monkeypatch.setattr(host_memory, "_looked_up", True)
+    monkeypatch.setattr(host_memory, "_malloc_trim", None)
+    assert host_memory.trim_available() is False
+    assert host_memory.release_free_heap() is False
+    jax.jit(lambda x: x * 5 - 0.5)(jnp.arange(3.0)).block_until_ready()  # a compile to trim after
+    assert host_memory.release_after_compiles() is False
+
+
 def test_release_after_compiles_trims_once_per_batch_of_compiles(monkeypatch):
     calls = []
     monkeypatch.setattr(host_memory, "release_free_heap", lambda: calls.append(1) or True)

@@ -437,6 +437,8 @@ def _resolve_greedy(greedy: Optional[bool], temperature, done=None) -> bool:
     means False: the whole sampler, right for any rows)."""
     if greedy is not None and not isinstance(greedy, (bool, np.bool_)):
         raise ConfigError(f"greedy must be None, True or False, got {greedy!r}")
+    if greedy is not None and not greedy:
+        return False  # the whole sampler is right for any rows: nothing to read back from the device
     arrays = [temperature] if done is None else [temperature, done]
     if not all(getattr(a, "is_fully_addressable", True) for a in arrays):
         return bool(greedy)
@@ -510,12 +512,8 @@ class Engine:
         `greedy` (see `_resolve_greedy`): None decides from the running slots' temperatures."""
         greedy = _resolve_greedy(greedy, state.sampling.temperature, state.done)
         # Host values (numpy), not eager jnp ops: those would each compile a small program.
-        if tables is None:
-            tables = np.zeros((1, 1), np.int32)
-        elif not isinstance(tables, jax.Array):
-            tables = np.asarray(tables, np.int32)
-        else:
-            tables = jnp.asarray(tables, jnp.int32)
+        tables = np.zeros((1, 1), np.int32) if tables is None else tables
+        tables = tables.astype(jnp.int32) if isinstance(tables, jax.Array) else np.asarray(tables, np.int32)
         return generate_slots(params, state, tables, eos_ids, np.int32(limit), adapters, cfg=self.cfg,
                               config=self.config, greedy=greedy)
 

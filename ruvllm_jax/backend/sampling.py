@@ -458,7 +458,6 @@ def sample(rng: jax.Array, logits: jax.Array, presence: jax.Array, params: Sampl
     temperature, top_k, top_p, penalty = _param_cols(params, b)
     logits = apply_repetition_penalty(logits.astype(jnp.float32), presence, penalty)
     stochastic_rows = temperature > 0
-    greedy = _argmax
 
     def draw(x):
         if per_row_keys:  # vmap over the draw only: no cond inside
@@ -473,7 +472,7 @@ def sample(rng: jax.Array, logits: jax.Array, presence: jax.Array, params: Sampl
         return draw(_filter(x, k, p)).astype(jnp.int32)
 
     pred = stochastic_rows if jnp.ndim(stochastic_rows) == 0 else stochastic_rows[:, 0]
-    return _per_row(pred, stochastic, greedy, logits, out=jax.ShapeDtypeStruct((b,), jnp.int32))
+    return _per_row(pred, stochastic, _argmax, logits, out=jax.ShapeDtypeStruct((b,), jnp.int32))
 
 
 def _argmax(x: jax.Array) -> jax.Array:
