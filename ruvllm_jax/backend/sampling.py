@@ -461,8 +461,8 @@ def sample(rng: jax.Array, logits: jax.Array, presence: jax.Array, params: Sampl
 
     def draw(x):
         if per_row_keys:  # vmap over the draw only: no cond inside
-            return jax.vmap(lambda k, r: jax.random.categorical(k, r[None], axis=-1)[0])(rng, x)
-        return jax.random.categorical(rng, x, axis=-1)
+            return jax.vmap(lambda k, r: _categorical(k, r[None])[0])(rng, x)
+        return _categorical(rng, x)
 
     def stochastic(x):
         x = apply_temperature(x, temperature)
@@ -476,7 +476,21 @@ def sample(rng: jax.Array, logits: jax.Array, presence: jax.Array, params: Sampl
 
 
 def _argmax(x: jax.Array) -> jax.Array:
-    return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    """`jnp.argmax(x, axis=-1)` as int32 (the first maximum; the first NaN if any), in two plain
+    reductions. XLA:CPU runs argmax's (value, index) reduction one element at a time: over a
+    151936-token vocabulary it took ~0.7 ms a row, 5 % of a 0.5B Q8_0 decode step; a max and then
+    the first index holding it are vectorized reductions, ~6x faster."""
+    v = x.shape[-1]
+    top = jnp.max(x, axis=-1, keepdims=True)
+    hit = jnp.where(jnp.isnan(top), jnp.isnan(x), x == top)
+    return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
+def _categorical(key: jax.Array, x: jax.Array) -> jax.Array:
+    """`jax.random.categorical(key, x, axis=-1)`, bit for bit: the same Gumbel noise (jax draws it as
+    `gumbel(key, x.shape, x.dtype)`) added to x, then `_argmax` instead of `jnp.argmax`, whose
+    reduction XLA:CPU also fused with the noise's generation: 3.7 ms a 151936-token row, now 0.8."""
+    return _argmax(jax.random.gumbel(key, x.shape, x.dtype) + x)
 
 
 def greedy_tokens(logits: jax.Array, presence: jax.Array, params: SamplingParams) -> jax.Array:

@@ -279,6 +279,22 @@ def test_greedy_tokens_are_hf_penalty_then_argmax_and_samples_greedy_rows(seed, 
     np.testing.assert_array_equal(got, np.asarray(drawn))
 
 
+_SPECIAL = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, -1.0, 3.5, np.finfo(np.float32).max]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(b=BATCHES, v=VOCABS, data=st.data())
+def test_argmax_is_numpys_and_torchs_first_maximum(b, v, data):
+    """`_argmax` (two plain reductions, see its docstring) picks what numpy's and torch's argmax pick:
+    the first of tied maxima, the first NaN when a row holds one, index 0 for a row of -inf."""
+    vals = st.one_of(st.sampled_from(_SPECIAL), st.floats(-4, 4, width=32))
+    x = np.asarray(data.draw(st.lists(vals, min_size=b * v, max_size=b * v)), np.float32).reshape(b, v)
+    got = np.asarray(jax.jit(S._argmax)(jnp.asarray(x)))
+    assert got.dtype == np.int32 and got.shape == (b,)
+    np.testing.assert_array_equal(got, x.argmax(-1))
+    np.testing.assert_array_equal(got, torch.argmax(torch.from_numpy(x), dim=-1).numpy())
+
+
 def test_seeded_sampling_repeats_and_seeds_differ():
     x = jnp.asarray(_logits(2, 64, 50, scale=1.0))
     pres = jnp.zeros(x.shape, bool)

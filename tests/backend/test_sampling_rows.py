@@ -130,6 +130,27 @@ def test_categorical_of_a_row_equals_vmapped_draw():
     assert np.asarray(vm).tolist() == [int(alone(keys[i], x[i : i + 1])[0]) for i in range(4)]
 
 
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
+@given(seed=st.integers(0, 2**32 - 1), b=st.sampled_from([1, 3]), v=st.sampled_from([2, 300]),
+       masked=st.floats(0.0, 0.99), scale=st.sampled_from([0.1, 3.0, 50.0]))
+def test_our_categorical_is_jax_random_categorical(seed, b, v, masked, scale):
+    """`sample` draws with `S._categorical` (Gumbel noise plus `_argmax`, for speed): token for token
+    `jax.random.categorical`, for one key over the batch and vmapped per-row keys, typed or raw,
+    on rows with -inf (filtered) entries."""
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(b, v)) * scale).astype(np.float32)
+    x[rng.random((b, v)) < masked] = -np.inf
+    x[:, rng.integers(v)] = 1.0  # each row keeps a token
+    x = jnp.asarray(x)
+    key = jax.random.key(seed)
+    ours = jax.jit(S._categorical)(key, x)
+    np.testing.assert_array_equal(ours, jax.jit(lambda k, r: jax.random.categorical(k, r, axis=-1))(key, x))
+    for keys in (jax.random.split(key, b), jax.random.key_data(jax.random.split(key, b))):
+        vm = jax.jit(jax.vmap(lambda k, r: S._categorical(k, r[None])[0]))(keys, x)
+        ref = jax.jit(jax.vmap(lambda k, r: jax.random.categorical(k, r[None], axis=-1)[0]))(keys, x)
+        np.testing.assert_array_equal(vm, ref)
+
+
 def test_scalar_params_with_raw_per_row_keys():
     """Raw uint32 keys [B, 2] are per-row keys too, and scalar params then act per row: each row
     is still the row alone (a small vocabulary keeps these two compiles cheap)."""
