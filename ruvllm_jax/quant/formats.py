@@ -47,11 +47,19 @@ _F32 = np.float32
 # small numpy helpers
 
 
+_JUST_BELOW_HALF = np.nextafter(_F32(0.5), _F32(0))
+
+
 def _round_half_away(v: np.ndarray) -> np.ndarray:
-    """C's roundf in float32, exactly as gguf-py's np_roundf (v + 0.5 would double-round near .5)."""
-    a = np.abs(v)
-    fl = np.floor(a)
-    return np.sign(v) * (fl + np.floor(2 * (a - fl)))
+    """C's roundf in float32, as gguf-py's np_roundf, in two passes instead of its seven (a third of
+    a Q8 conversion at load was spent here).
+
+    `trunc(v + 0.5)` would double-round: 0.49999997 + 0.5 rounds up to 1.0 in float32. Adding the
+    largest float below one half instead never carries a fraction below .5 to the next integer,
+    while the sum's own rounding still carries every fraction of .5 or more (ties included). Checked
+    equal to np_roundf on every finite float32 of both signs; tests/quant/test_formats.py compares
+    the two on every float near the half-integers, at binade edges and across magnitudes."""
+    return np.trunc(v + np.copysign(_JUST_BELOW_HALF, v))
 
 
 def _inverse(d: np.ndarray) -> np.ndarray:

@@ -283,3 +283,25 @@ def test_dequantize_rejects_data_of_the_wrong_shape():
         dequantize(QuantizedTensor(np.zeros((2, 33), np.uint8), "Q8_0", (2, 32)))
     with pytest.raises(ConfigError, match="33"):
         dequantize_rows_jnp(jnp.zeros((2, 33), jnp.uint8), "Q8_0", 32)
+
+
+def _floats_near_half_integers() -> np.ndarray:
+    """Every float32 within 64 ulps of each k + 0.5 and each integer k, |k| <= 300 (Q8_0 codes lie in
+    [-127, 127]), and of every power of two up to 2**25 (where the float spacing passes 0.5 and 1)."""
+    centers = np.concatenate([np.arange(-300, 301) + 0.5, np.arange(-300, 301),
+                              2.0 ** np.arange(-3, 26), -(2.0 ** np.arange(-3, 26))]).astype(np.float32)
+    bits = centers.view(np.int32)[:, None] + np.arange(-64, 65, dtype=np.int32)[None, :]
+    return np.concatenate([bits.reshape(-1).view(np.float32), np.float32([0.0, -0.0, 1e-45, -1e-45])])
+
+
+def test_round_half_away_is_gguf_np_roundf():
+    """Q8_0 codes are `_round_half_away(x / d)`: the same as gguf-py's np_roundf (C's roundf), on the
+    floats where a shortcut would differ (next to every half-integer) and on random bit patterns of
+    every magnitude."""
+    from ruvllm_jax.quant.formats import _round_half_away
+
+    rng = np.random.default_rng(0)
+    random_bits = rng.integers(0, 2**32, size=1 << 20, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    v = np.concatenate([_floats_near_half_integers(), random_bits[np.isfinite(random_bits)]])
+    np.testing.assert_array_equal(_round_half_away(v), gguf_quants.np_roundf(v))
+    assert _round_half_away(np.float32([0.49999997, 0.5, 1.5, 2.5, -0.5, -2.5])).tolist() == [0, 1, 2, 3, -1, -3]
