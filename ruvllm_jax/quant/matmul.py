@@ -85,9 +85,6 @@ def quantized_matmul_jnp(x: jax.Array, w: QuantizedTensor) -> jax.Array:
     return y.reshape(*lead, rows)
 
 
-NATIVE_MAX_ROWS = 256  # "auto" multiplies x with this many rows or more in jnp (see `quantized_matmul`)
-
-
 def _native() -> Optional[ModuleType]:
     """`ruvllm_jax.quant.native` if it exists and offers `available`/`matmul`, else None."""
     try:
@@ -108,21 +105,12 @@ def native_available() -> bool:
 def quantized_matmul(x: jax.Array, w: QuantizedTensor, impl: str = "auto") -> jax.Array:
     """x [..., cols] @ dequantize(w).T -> float32 [..., rows].
 
-    impl: "jnp" (portable), "native" (the CPU kernel; ConfigError when it is not built), or "auto": on the
-    CPU backend the native kernel when it is built and x has fewer than `NATIVE_MAX_ROWS` rows, else jnp.
-
-    Why the row limit: the native kernel is a GEMV at heart, compute-bound from ~64 rows at ~95 G
-    multiply-adds/s on 2 cores, while jnp's chunked decode feeds XLA's f32 GEMM, which reaches ~160:
-    at 256 rows jnp was 1.0-2.1x as fast and at 512 rows 1.3-2.4x (Q8_0, Q4_1, Q5_0, Q4_K, Q6_K on the
-    0.5B shapes, `experiments/bench_quant_matmul.py --rows`). So long prompts prefill through jnp, and
-    with f32 activations, more exactly than the native kernel's int8 ones; decode steps (one row per
-    sequence) stay native. A row's bits then depend on whether its call had more or fewer rows than
-    the limit (not otherwise on its neighbours); impl="native" keeps one path for every call.
+    impl: "jnp" (portable), "native" (the CPU kernel; ConfigError when it is not built), or "auto" (native
+    on the CPU backend when available, else jnp).
     """
     if impl not in IMPLS:
         raise ConfigError(f"quantized_matmul impl must be one of {IMPLS}, got {impl!r}")
-    many_rows = math.prod(x.shape[:-1]) >= NATIVE_MAX_ROWS
-    if impl == "jnp" or (impl == "auto" and (jax.default_backend() != "cpu" or many_rows or not native_available())):
+    if impl == "jnp" or (impl == "auto" and (jax.default_backend() != "cpu" or not native_available())):
         return quantized_matmul_jnp(x, w)
     if not native_available():
         raise ConfigError("quantized_matmul impl='native' asked for, but the native kernel is not available")

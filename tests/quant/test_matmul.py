@@ -167,28 +167,6 @@ def test_auto_prefers_native_on_cpu_only_when_available(fake_native, monkeypatch
         product(x, qt, impl="native")
 
 
-def test_auto_sends_many_rows_to_jnp_and_native_keeps_them(fake_native, monkeypatch):
-    """Under "auto", products of NATIVE_MAX_ROWS rows or more (a long prompt's prefill, counted over
-    every leading axis) run in jnp, where XLA's f32 GEMM beats the native GEMV; fewer rows, and any
-    number under impl="native", go to the native kernel. The jnp result is gguf's float64 product."""
-    qt = weight("Q4_K")
-    fake = fake_native(True)
-    fake.reference = reference_weights(qt)
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    limit = qmm.NATIVE_MAX_ROWS
-    rng = np.random.default_rng(5)
-    below = rng.standard_normal((limit - 1, COLS)).astype(np.float32)
-    at = rng.standard_normal((2, limit // 2, COLS)).astype(np.float32)  # [B, S, cols]: B * S rows
-    product(jnp.asarray(below), qt)
-    assert fake.calls == [(limit - 1, COLS)]
-    y = product(jnp.asarray(at), qt)
-    assert fake.calls == [(limit - 1, COLS)]  # jnp: the fake native saw nothing
-    chex.assert_shape(y, (2, limit // 2, ROWS))
-    assert_close_to_reference(y, at, qt)
-    product(jnp.asarray(at), qt, impl="native")
-    assert fake.calls[-1] == (limit, COLS)
-
-
 def test_missing_native_module_means_unavailable(monkeypatch):
     monkeypatch.setitem(sys.modules, "ruvllm_jax.quant.native", None)  # makes the import raise ImportError
     monkeypatch.delattr("ruvllm_jax.quant.native", raising=False)  # else `from ... import` finds the attribute
