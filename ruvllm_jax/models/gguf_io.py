@@ -161,11 +161,6 @@ class _Scan:
         except UnicodeDecodeError as e:
             raise ModelError(f"{self.source}: {what} is not valid UTF-8 ({e})") from None
 
-    def skip_string(self, what: str) -> None:
-        n = self.u64(f"the length of {what}")
-        self.need(n, f"{what} ({n} bytes)")
-        self.pos += n
-
     def values(self, vtype: int, count: int, what: str) -> list:
         """`count` scalars of GGUF value type `vtype` as Python values (ints, floats, bools)."""
         n = count * _VALUE_SIZES[vtype]
