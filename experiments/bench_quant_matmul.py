@@ -2,13 +2,16 @@
 
     python experiments/bench_quant_matmul.py                # the Qwen2.5-0.5B shapes, 1 and 8 rows
     python experiments/bench_quant_matmul.py --rounds 3 --shapes 4864x896 --rows 1
+    python experiments/bench_quant_matmul.py --variant no_vnni=-DRUVLLM_QMM_NO_VNNI   # VNNI against AVX2
 
 For each weight shape [rows, cols] and activation rows n: G weights/s (rows * cols / time, one pass
 over the matrix) and the weight bytes read per second, for
 
 * `xla_f32`: `(w @ x.T).T` with w float32, jitted: the bandwidth anchor (4 bytes a weight);
 * `native <qtype>`: `ruvllm_jax.quant.native.matmul` on the GGML blocks, all of XLA's threads, and
-  for Q8_0 also one thread (`max_threads=1`);
+  for Q8_0 (every format with `--one-thread-all`) also one thread (`max_threads=1`); with
+  `--variant LABEL=FLAGS`, the same for the kernel built with those extra flags,
+  `native <qtype> [LABEL]`, in the same rounds;
 * `jnp <qtype>`: `ruvllm_jax.quant.matmul.quantized_matmul_jnp` when that module provides it;
 * `llama.cpp <qtype>`: when llama-cpp-python is installed, ggml's own `ggml_mul_mat` on the same
   bytes, through the libggml it bundles (ctypes), on a persistent 2-thread ggml threadpool as
@@ -213,7 +216,8 @@ def llc_mbytes() -> int:
         return 32
 
 
-def bench_shape(rows: int, cols: int, ns, rounds: int, rng, with_jnp: bool, ggmls: list, llc_bytes: int) -> list[dict]:
+def bench_shape(rows: int, cols: int, ns, rounds: int, rng, with_jnp: bool, ggmls: list, llc_bytes: int,
+                variants: dict, one_thread_all: bool = False) -> list[dict]:
     """Every candidate on one weight shape over `rounds` interleaved rounds; best times of
 
     * hot: one weight, calls back to back (it stays in the last-level cache if it fits);
@@ -234,8 +238,8 @@ def bench_shape(rows: int, cols: int, ns, rounds: int, rng, with_jnp: bool, ggml
     w32s = [jnp.array(w32) for _ in range(c32)]
     f32 = jax.jit(lambda x, w: (w @ x.T).T)  # XLA's fast GEMV form; x @ w.T is up to 15x slower at n=1
     cands.append(("xla_f32", "F32", lambda i, x: lambda: jax.block_until_ready(f32(x, w32s[i])), w32.nbytes, c32))
-    nat = jax.jit(lambda x, w: native.matmul(x, w))
-    nat1 = jax.jit(lambda x, w: native.matmul(x, w, max_threads=1))
+    nats = {f" [{label}]" if label else "": (jax.jit(k.matmul), jax.jit(functools.partial(k.matmul, max_threads=1)))
+            for label, k in variants.items()}
     jnp_jit = jax.jit(jnp_fn) if jnp_fn is not None else None
     for qtype in QTYPES:
         if cols % FORMATS[qtype].block_size:
@@ -243,9 +247,11 @@ def bench_shape(rows: int, cols: int, ns, rounds: int, rng, with_jnp: bool, ggml
         blocks = random_blocks(qtype, rows, cols, rng)
         c = copies_of(blocks.nbytes)
         ws = [QuantizedTensor(jnp.array(np.array(blocks)), qtype, (rows, cols)) for _ in range(c)]
-        fns = [(f"native {qtype}", nat)]
-        if qtype == "Q8_0":
-            fns.append((f"native {qtype} 1 thread", nat1))
+        fns = []
+        for label, (nat, nat1) in nats.items():
+            fns.append((f"native {qtype}{label}", nat))
+            if qtype == "Q8_0" or one_thread_all:
+                fns.append((f"native {qtype} 1 thread{label}", nat1))
         if jnp_jit is not None:
             fns.append((f"jnp {qtype}", jnp_jit))
         for name, fn in fns:
@@ -326,7 +332,7 @@ def call_jit(f, *args) -> None:
     jax.block_until_ready(f(*args))
 
 
-def bench_decode_stack(qtypes, n_layers: int, reps: int, rng, ggmls: list) -> list[dict]:
+def bench_decode_stack(qtypes, n_layers: int, reps: int, rng, ggmls: list, variants: dict) -> list[dict]:
     """Best time of a whole decode step's projections (`decode_step`) per format and engine."""
     n_weights = n_layers * sum(r * c for r, c in LAYER_SHAPES.values()) + HEAD_SHAPE[0] * HEAD_SHAPE[1]
     x = rng.standard_normal((1, 896), dtype=np.float32)
@@ -362,10 +368,12 @@ def bench_decode_stack(qtypes, n_layers: int, reps: int, rng, ggmls: list) -> li
         qlayers = [{k: QuantizedTensor(jnp.asarray(v), qtype, LAYER_SHAPES[k]) for k, v in layer.items()}
                    for layer in blocks]
         qhead = QuantizedTensor(jnp.asarray(head_blocks), qtype, HEAD_SHAPE)
-        for impl, mt in ((f"native {qtype}", 0), (f"native {qtype} 1 thread", 1)):
-            f = jax.jit(lambda x, layers, head, mt=mt: decode_step(
-                x, layers, head, lambda h, w: native.matmul(h, w, max_threads=mt)))
-            record(impl, qtype, timed(functools.partial(call_jit, f, jnp.asarray(x), qlayers, qhead)), nbytes)
+        for mt in (0, 1):
+            for label, k in variants.items():
+                impl = f"native {qtype}{' 1 thread' if mt else ''}{f' [{label}]' if label else ''}"
+                f = jax.jit(lambda x, layers, head, mt=mt, k=k: decode_step(
+                    x, layers, head, lambda h, w: k.matmul(h, w, max_threads=mt)))
+                record(impl, qtype, timed(functools.partial(call_jit, f, jnp.asarray(x), qlayers, qhead)), nbytes)
         del qlayers, qhead
         for g in ggmls:
             run, close = g.decode_stack(blocks, head_blocks, fmt.ggml_type, x)
@@ -385,6 +393,11 @@ def main() -> None:
     ap.add_argument("--ggml-threads", type=int, default=2, help="llama.cpp's threads (0: skip llama.cpp)")
     ap.add_argument("--stack-layers", type=int, default=24, help="layers of the decode-step stack (0: skip it)")
     ap.add_argument("--stack-formats", default="Q8_0,Q4_1,Q5_0", help="formats of the decode-step stack")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
+                    help="also time the native kernel built with these extra compiler flags (space separated), "
+                         "e.g. no_vnni=-DRUVLLM_QMM_NO_VNNI; repeatable")
+    ap.add_argument("--one-thread-all", action="store_true",
+                    help="time every format on one thread too (the kernels' compute, without the split)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
@@ -393,6 +406,10 @@ def main() -> None:
     if not native.available():
         raise SystemExit(f"native kernel unavailable: {native.build_error()}")
     kernel = native.build()
+    variants = {"": kernel}
+    for v in args.variant:
+        label, _, flags = v.partition("=")
+        variants[label] = native.build(tuple(flags.split()))
     ggmls = []
     if args.ggml_threads > 0:
         try:
@@ -402,25 +419,27 @@ def main() -> None:
     rng = np.random.default_rng(0)
     results = []
     for rows, cols in shapes:
-        results += bench_shape(rows, cols, ns, args.rounds, rng, not args.no_jnp, ggmls, llc_mbytes() << 20)
+        results += bench_shape(rows, cols, ns, args.rounds, rng, not args.no_jnp, ggmls, llc_mbytes() << 20,
+                               variants, args.one_thread_all)
 
-    print(f"{'shape':>12} {'n':>2}  {'impl':<24} {'hot Gw/s':>9} {'cold Gw/s':>9} {'cold GB/s':>9} {'cold us':>9}")
+    print(f"{'shape':>12} {'n':>2}  {'impl':<34} {'hot Gw/s':>9} {'cold Gw/s':>9} {'cold GB/s':>9} {'cold us':>9}")
     for r in results:
-        print(f"{r['shape'][0]:>6}x{r['shape'][1]:<5} {r['n']:>2}  {r['impl']:<24} {r['hot_gweights_per_s']:>9.2f} "
+        print(f"{r['shape'][0]:>6}x{r['shape'][1]:<5} {r['n']:>2}  {r['impl']:<34} {r['hot_gweights_per_s']:>9.2f} "
               f"{r['cold_gweights_per_s']:>9.2f} {r['cold_gbytes_per_s']:>9.2f} {r['cold_seconds'] * 1e6:>9.0f}")
     stack = []
     if args.stack_layers > 0:
         stack = bench_decode_stack([q for q in args.stack_formats.split(",") if q], args.stack_layers,
-                                   max(3, 2 * args.rounds), rng, ggmls)
+                                   max(3, 2 * args.rounds), rng, ggmls, variants)
         print(f"\ndecode-step projections, {args.stack_layers} layers + vocabulary, n = 1:")
-        print(f"{'impl':<26} {'ms/step':>8} {'steps/s':>8} {'G weights/s':>12} {'GB/s':>7}")
+        print(f"{'impl':<36} {'ms/step':>8} {'steps/s':>8} {'G weights/s':>12} {'GB/s':>7}")
         for r in stack:
-            print(f"{r['impl']:<26} {r['seconds'] * 1e3:>8.2f} {r['steps_per_s']:>8.1f} {r['gweights_per_s']:>12.2f} "
+            print(f"{r['impl']:<36} {r['seconds'] * 1e3:>8.2f} {r['steps_per_s']:>8.1f} {r['gweights_per_s']:>12.2f} "
                   f"{r['gbytes_per_s']:>7.2f}")
     doc = dict(
         what=("quantized matrix-vector products, jitted single calls, best of rounds; G weights/s = rows*cols/s;"
               " hot: back to back on one weight, cold: rotating over weights that overflow the LLC twice"),
         jax=jax.__version__, cpu=cpu_info(), native=dict(simd=kernel.simd, compile=list(kernel.compile_flags)),
+        variants={label: dict(simd=k.simd, flags=list(k.flags)) for label, k in variants.items() if label},
         ggml_threads=[g.n_threads for g in ggmls], rounds=args.rounds,
         time=time.strftime("%Y-%m-%d %H:%M:%S"), results=results, decode_stack=stack,
     )

@@ -3,7 +3,8 @@
 Why: XLA:CPU runs grouped int8 dequant-dots at ~1 G weights/s (PERF-NOTES), far under what the
 weights' bytes allow. `native/quant_matmul.cc` does what ggml-cpu does instead: it quantizes each
 activation row once per call to int8 blocks and dots them with the weight blocks in integers
-(AVX2 maddubs/madd when the compiler targets AVX2+FMA+F16C, portable scalar code otherwise),
+(AVX2 maddubs/madd when the compiler targets AVX2+FMA+F16C, fused into VNNI's vpdpbusd/vpdpwssd
+where the CPU has AVX-VNNI or AVX512-VNNI, portable scalar code otherwise),
 splitting the output rows over XLA's intra-op thread pool: the calling thread and pool size - 1
 helpers claim guided chunks of rows from an atomic counter (`max_threads` caps them; products under
 ~128K multiply-adds stay on one thread). Weights stream with software prefetch 3 KB ahead.
@@ -64,6 +65,7 @@ ENV_SWITCH = "RUVLLM_JAX_NATIVE"
 SUPPORTED = ("Q8_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K")
 BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-fvisibility=hidden")
 SCALAR_FLAGS = ("-DRUVLLM_QMM_SCALAR",)  # forces the portable path, whatever the CPU has
+NO_VNNI_FLAGS = ("-DRUVLLM_QMM_NO_VNNI",)  # the AVX2 path without VNNI's fused dots (same bits)
 # Activation block per format: the unit of the error bound.
 ACTIVATION_BLOCK = {"Q8_0": 32, "Q4_1": 32, "Q5_0": 32, "Q4_K": 256, "Q6_K": 256}
 
@@ -81,7 +83,7 @@ class NativeKernel:
     def __init__(self, path: str, target: str, simd: int, flags: tuple[str, ...], compile_flags: tuple[str, ...]):
         self.path = path
         self.target = target
-        self.simd = simd  # 2: AVX2 path compiled in, 0: scalar
+        self.simd = simd  # 3: AVX2 with VNNI compiled in, 2: AVX2 without, 0: scalar
         self.flags = flags  # the extra flags asked for
         self.compile_flags = compile_flags  # everything the compiler was given
 

@@ -188,6 +188,29 @@ def test_scalar_build_matches_simd_build(kernels):
         assert np.all(np.abs(y_simd - y_scalar) <= tol), qtype
 
 
+def test_vnni_build_equals_avx2_build(kernel):
+    """VNNI's fused integer dots replace maddubs + madd (+ add) exactly: the same output bits.
+
+    Random weight bytes reach the extremes (Q8_0 -128, nibbles 15, 6-bit codes 63) and activations
+    with outliers reach codes +-127, so a saturating or reordered integer step would show.
+    """
+    if kernel.simd != 3:
+        pytest.skip(f"the default build has no VNNI path here (simd={kernel.simd}): nothing to compare")
+    plain = native.build(native.NO_VNNI_FLAGS)
+    assert plain.simd == 2 and plain.target != kernel.target
+    rng = np.random.default_rng(13)
+    rows, cols = 45, 2048
+    for qtype in QTYPES:
+        for kind in ("random", "quantized") if qtype not in ("Q4_K", "Q6_K") else ("random",):
+            data = make_weight(qtype, rows, cols, rng, kind)
+            w = qt(data, qtype, rows, cols)
+            x = rng.standard_normal((7, cols)).astype(np.float32)
+            x[:, ::97] *= 1e3  # one outlier a block: most codes small, the outlier's +-127
+            y_vnni = np.asarray(kernel.matmul(jnp.asarray(x), w))
+            np.testing.assert_array_equal(y_vnni, np.asarray(plain.matmul(jnp.asarray(x), w)), err_msg=qtype)
+            assert within_bound(y_vnni, x, data, qtype)[0], qtype
+
+
 def test_jit_while_loop_and_vmap(kernel):
     rng = np.random.default_rng(5)
     rows, cols = 64, 512

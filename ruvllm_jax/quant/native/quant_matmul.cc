@@ -10,9 +10,10 @@
 //
 // Paths: AVX2+FMA+F16C (maddubs / madd; the sign trick for signed Q8_0 weights; Q4_1, Q5_0 and Q6_K
 // weights taken unsigned, their offsets folded out with the activation sums) when the compiler
-// targets them, else portable scalar code (forced with -DRUVLLM_QMM_SCALAR, which the tests build
-// too). Both quantize activations bit-identically; only float summation order differs. No AVX-512
-// path: none could be tested where this was written (AVX-512 machines take the AVX2 path).
+// targets them, with VNNI's fused integer dots where the CPU has them (same bits), else portable
+// scalar code (forced with -DRUVLLM_QMM_SCALAR, which the tests build too). Both quantize
+// activations bit-identically; only float summation order differs. All vectors are 256 bits: an
+// AVX-512 machine runs the AVX2 (+ VNNI) path.
 //
 // Threads: weight rows are claimed in guided chunks (a share of what is left) from an atomic counter
 // by the calling thread and by helpers scheduled on XLA's intra-op pool (pool size - 1 of them). The
@@ -43,6 +44,16 @@
 #include <immintrin.h>
 #else
 #define QMM_AVX2 0
+#endif
+
+// VNNI (AVX-VNNI, or AVX512-VNNI with VL, both at 256 bits) fuses the integer steps of the AVX2 path:
+// vpdpbusd = maddubs + madd by ones + add, vpdpwssd = madd + add. The AVX2 path's int16 pair sums
+// never saturate (see each kernel), so both give the same int32 sums and the same output bits.
+// -DRUVLLM_QMM_NO_VNNI keeps the plain AVX2 path, for comparisons and the tests.
+#if QMM_AVX2 && !defined(RUVLLM_QMM_NO_VNNI) && (defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__)))
+#define QMM_VNNI 1
+#else
+#define QMM_VNNI 0
 #endif
 
 #if defined(__F16C__) && !defined(RUVLLM_QMM_SCALAR)
@@ -226,16 +237,33 @@ inline float hsum4(__m128 r) {
 inline __m256i loadu256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline __m128i loadu128(const void* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
 
+// acc + (unsigned u times signed s, summed in fours), for u * s pair sums that fit int16.
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+#if QMM_VNNI && defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#elif QMM_VNNI
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+// acc + (int16 a times int16 b, summed in pairs).
+inline __m256i dpwssd(__m256i acc, __m256i a, __m256i b) {
+#if QMM_VNNI && defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(acc, a, b);
+#elif QMM_VNNI
+  return _mm256_dpwssd_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
 // Signed w (as |w| and w) times signed y, summed in fours: maddubs takes unsigned x signed, so the
 // sign of w moves onto y. |w| <= 128 and |y| <= 127 keep the int16 pair sums from saturating.
 inline __m256i dot_i8_signed(__m256i aw, __m256i w, __m256i y) {
-  const __m256i p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(y, w));
-  return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+  return dpbusd(_mm256_setzero_si256(), aw, _mm256_sign_epi8(y, w));
 }
 // Unsigned w (0..63) times signed y, summed in fours.
-inline __m256i dot_u8(__m256i w, __m256i y) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), _mm256_set1_epi16(1));
-}
+inline __m256i dot_u8(__m256i w, __m256i y) { return dpbusd(_mm256_setzero_si256(), w, y); }
 // 16 packed bytes -> 32 nibbles as bytes: low nibbles (weights 0..15), then high (16..31).
 inline __m256i nibbles32(const uint8_t* p) {
   const __m128i t = loadu128(p);
@@ -499,9 +527,9 @@ void dot_q4_k(const uint8_t* w, int64_t nb, const XQ& x, int64_t r0, float* out)
       const __m256i sh = _mm256_shuffle_epi8(sc16, loadu256(kShufK4.b[2 * j + 1]));
       for (int r = 0; r < NR; ++r) {
         const int8_t* y = xq[r] + b * 256 + 64 * j;
-        const __m256i pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, loadu256(y)));
-        const __m256i ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, loadu256(y + 32)));
-        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
+        // nibble * y pair sums are at most 2 * 15 * 127: no saturation
+        sumi[r] = dpwssd(sumi[r], sl, _mm256_maddubs_epi16(lo, loadu256(y)));
+        sumi[r] = dpwssd(sumi[r], sh, _mm256_maddubs_epi16(hi, loadu256(y + 32)));
       }
     }
     for (int r = 0; r < NR; ++r)
@@ -585,8 +613,9 @@ void dot_q6_k(const uint8_t* w, int64_t nb, const XQ& x, int64_t r0, float* out)
         const __m256i s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(
             sc8, _mm_set_epi64x(0x0101010101010101ll * (g + 1), 0x0101010101010101ll * g)));
         for (int r = 0; r < NR; ++r) {
+          // q6 * y pair sums are at most 2 * 63 * 127: no saturation
           const __m256i p = _mm256_maddubs_epi16(q[k], loadu256(xq[r] + b * 256 + 128 * h + 32 * k));
-          sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(s, p));
+          sumi[r] = dpwssd(sumi[r], s, p);
         }
       }
     }
@@ -825,4 +854,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RuvllmQuantMatmul, QuantMatmulImpl,
                                   .Attr<int64_t>("max_threads"));
 
 // Reports how the library was compiled, for tests and benchmarks.
-extern "C" __attribute__((visibility("default"))) int RuvllmQuantMatmulSimd() { return QMM_AVX2 ? 2 : 0; }
+extern "C" __attribute__((visibility("default"))) int RuvllmQuantMatmulSimd() { return QMM_VNNI ? 3 : QMM_AVX2 ? 2 : 0; }
