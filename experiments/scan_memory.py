@@ -41,16 +41,10 @@ import subprocess
 import sys
 import time
 
+from memory_stages import _status_gb  # this folder is on sys.path when a script here runs
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_heads=14, num_kv_heads=2, head_dim=64)
-
-
-def _status_gb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1e6
-    raise KeyError(field)
 
 
 def child(layout: str, order: str, layers: int, prompt: int, new: int, max_len: int, trim: bool = False) -> dict:

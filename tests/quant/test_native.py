@@ -3,7 +3,8 @@
 Every result is checked against float64 `x @ gguf.quants.dequantize(w).T` within the activation
 rounding bound (`native.activation_error_bound`, plus f32 slack), which is shown to be tight enough
 to reject a reference with a wrong scale, a swapped nibble order or shifted sub-block scales. Also:
-the portable scalar build against the SIMD one, jit / while_loop / vmap, bit-identical results for
+the portable scalar build against the SIMD one, the VNNI build bit-equal to the plain AVX2 one (where
+the CPU has VNNI), jit / while_loop / vmap, bit-identical results for
 any thread split and any batch composition, edge cases (n = 0, NaN, inf), ConfigError on bad
 inputs, and, in fresh processes, available() False with the jnp fallback when the compiler is
 missing, RUVLLM_JAX_NATIVE=0, or the compile fails. The numerical tests use `native.build()`
