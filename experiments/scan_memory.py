@@ -120,7 +120,7 @@ def child(layout: str, order: str, layers: int, prompt: int, new: int, max_len: 
         return out, None
 
     def run_layers(params, x, cos, sin, cache, attend_factory):
-        """x through every layer; attend_factory(layer or index, cache cell) -> the layer's attend."""
+        """x through every layer; attend_factory(cell) -> the layer's attend, cell = [k cache, v cache, layer]."""
         if layout == "unrolled":
             ks, vs = list(cache[0]), list(cache[1])
             for i, lp in enumerate(params["layers"]):
