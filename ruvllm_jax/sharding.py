@@ -236,6 +236,8 @@ class ModelSharding:
             keys = [getattr(k, "name", getattr(k, "key", None)) for k in path]
             name, shape = keys[-1] if keys else None, getattr(leaf, "shape", ())
             per_seq = isinstance(cache, (ContiguousKVCache, SegmentedKVCache)) or name in ("sink_k", "sink_v")
+            if len(shape) == 5 and per_seq:  # a stacked contiguous cache [L, B, KVH, T, D]
+                return self.named(P(None, self._over(shape[1], "data"), kv))
             if len(shape) >= 3 and per_seq:  # [B, KVH, T, D]
                 return self.named(P(self._over(shape[0], "data"), kv))
             if len(shape) >= 3:  # pools and tiers: [KVH, blocks, ...], blocks shared by all sequences

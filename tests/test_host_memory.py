@@ -101,3 +101,34 @@ def test_serving_steps_trim_only_after_they_compiled(monkeypatch, llama_dir):
     calls.clear()
     backend.generate_tokens([0, 7, 9], greedy)  # the same executables: no compile, no trim
     assert calls == []
+
+
+def test_lean_jit_compiles_with_the_lean_options_and_falls_back_where_xla_refuses(monkeypatch):
+    """On CPU the engine's programs compile without XLA's MLIR fusion emitters; an option this jaxlib
+    does not know (a newer XLA may drop it) or the switch gives plain jax.jit, never an error."""
+    from ruvllm_jax.backend import engine
+
+    host_memory._lean_options_for.cache_clear()
+    options = host_memory.lean_compiler_options()
+    lean = jax.jit(lambda x: x, compiler_options=dict(host_memory.LEAN_CPU_OPTIONS))
+    if options == {}:  # only where this XLA refuses the option (jax 0.10 on CPU, as CI, takes it)
+        with pytest.raises(jax.errors.JaxRuntimeError):
+            lean.lower(jnp.float32(0)).compile()
+    else:
+        assert options == host_memory.LEAN_CPU_OPTIONS
+    f = host_memory.lean_jit(lambda x: x * 2)
+    assert float(f(jnp.float32(3))) == 6.0 and f.lower(jnp.float32(0)).compile() is not None
+    assert engine.prefill_slots.__name__ == "prefill_slots"  # the engine's programs are lean_jit ones
+    assert isinstance(engine.prefill_slots, host_memory._LeanJit)
+
+    monkeypatch.setenv(host_memory.LEAN_ENV_SWITCH, "0")
+    assert host_memory.lean_compiler_options() == {}
+    monkeypatch.delenv(host_memory.LEAN_ENV_SWITCH)
+    monkeypatch.setattr(host_memory, "LEAN_CPU_OPTIONS", {"xla_cpu_no_such_option_anywhere": True})
+    host_memory._lean_options_for.cache_clear()
+    try:
+        assert host_memory.lean_compiler_options() == {}
+        g = host_memory.lean_jit(lambda x: x + 1)
+        assert float(g(jnp.float32(1))) == 2.0
+    finally:
+        host_memory._lean_options_for.cache_clear()

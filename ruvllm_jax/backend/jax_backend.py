@@ -30,7 +30,7 @@ from ruvllm_jax.errors import (
     TokenizationError,
 )
 from ruvllm_jax.kernels import KernelOptions
-from ruvllm_jax.models import loader
+from ruvllm_jax.models import llama, loader
 from ruvllm_jax.models.config import LlamaConfig
 from ruvllm_jax.quant.tensor import weight_stats
 from ruvllm_jax.sharding import ModelSharding, make_mesh, per_device_bytes
@@ -374,9 +374,11 @@ class JaxBackend:
             return
         _, cache_len = engine.buckets(len(ids), params.max_tokens, self.max_context())
         kv = m.model_config.kv_cache_config  # two-tier: its shape is the config's, not a bucket's
+        kernel = self._kernel_options()
         config = engine.EngineConfig(
             max_slots=1, layout="contiguous", max_len=cache_len if kv is None else len(ids) + params.max_tokens,
-            chunk=self.decode_chunk_size, kernel=self._kernel_options(), kv_cache_config=kv)
+            chunk=self.decode_chunk_size, kernel=kernel, kv_cache_config=kv,
+            layer_scan=kv is None and self._adapters is None and llama.layers_scan(m.params, m.cfg, kernel))
         server = self._serving_engine(config)
         server.add_request(ids, params)
         while server.has_unfinished():

@@ -40,8 +40,8 @@ class SegmentedKVCache:
         b, kvh, t, d = base.k[0].shape
         if length > t:
             raise KvCacheError(f"a segment of {length} tokens does not fit a cache of {t}")
-        segment = ContiguousKVCache.init(num_layers=len(base.k), batch=b, num_kv_heads=kvh, head_dim=d,
-                                         max_len=length, dtype=base.k[0].dtype)
+        segment = ContiguousKVCache.init(num_layers=base.num_layers, batch=b, num_kv_heads=kvh, head_dim=d,
+                                         max_len=length, dtype=base.k[0].dtype, stacked=base.stacked)
         return cls(base=base, base_len=base_len.astype(jnp.int32), segment=segment)
 
     @property
@@ -52,11 +52,11 @@ class SegmentedKVCache:
         """Write k, v [B, KVH, D] into the segment at `positions` [B] -> (cache, [base, segment])."""
         chex.assert_shape(positions, (k.shape[0],))
         index = positions - self.base_len
-        seg_k = write_token(self.segment.k[layer], k, index)
-        seg_v = write_token(self.segment.v[layer], v, index)
+        seg_k = write_token(self.segment.k, layer, k, index)
+        seg_v = write_token(self.segment.v, layer, v, index)
         base = KVPart(self.base.k[layer], self.base.v[layer], self.base_len)
-        seg = KVPart(seg_k, seg_v, index + 1, query_offset=-1)
-        return self.replace(segment=self.segment.replace_layer(layer, seg_k, seg_v)), (base, seg)
+        seg = KVPart(seg_k[layer], seg_v[layer], index + 1, query_offset=-1)
+        return self.replace(segment=self.segment.replace(k=seg_k, v=seg_v)), (base, seg)
 
     def close(self) -> ContiguousKVCache:
         """The base with the segment written at `base_len`.
@@ -72,7 +72,9 @@ class SegmentedKVCache:
         def write(base_l, seg_l):  # base_l [B, KVH, T, D], seg_l [B, KVH, seg_len, D]
             return base_l.at[rows, :, cols].set(seg_l.transpose(0, 2, 1, 3), mode="drop")
 
-        return self.base.replace(
-            k=tuple(write(b_, s_) for b_, s_ in zip(self.base.k, self.segment.k, strict=True)),
-            v=tuple(write(b_, s_) for b_, s_ in zip(self.base.v, self.segment.v, strict=True)),
-        )
+        def write_all(base, seg):
+            if isinstance(base, tuple):
+                return tuple(write(b_, s_) for b_, s_ in zip(base, seg, strict=True))
+            return base.at[:, rows, :, cols].set(seg.transpose(1, 3, 0, 2, 4), mode="drop")  # [L, B, ...]
+
+        return self.base.replace(k=write_all(self.base.k, self.segment.k), v=write_all(self.base.v, self.segment.v))

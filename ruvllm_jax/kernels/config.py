@@ -79,7 +79,9 @@ class KernelOptions:
     and how linears with quantized weights multiply: `quantized_matmul` ("auto": the native CPU
     kernel where it is built, else jnp; "native"; "jnp"), see `ruvllm_jax.quant.matmul`; and `mesh`,
     the `jax.sharding.Mesh` the model is laid out on (None: one device), on which the products XLA
-    cannot partition (the native quantized kernel) run per shard (see `ruvllm_jax.sharding`).
+    cannot partition (the native quantized kernel) run per shard (see `ruvllm_jax.sharding`);
+    `layer_scan`: let a cached prefill or decode over native quantized layers run them as one
+    `lax.scan` (see `ruvllm_jax.models.llama`); False keeps the unrolled loop everywhere.
 
     Frozen and hashable: models, engines and kernels take it as one static jit argument.
     """
@@ -90,6 +92,7 @@ class KernelOptions:
     block_sizes: BlockSizes = BlockSizes()
     quantized_matmul: str = "auto"
     mesh: Optional[jax.sharding.Mesh] = None
+    layer_scan: bool = True
 
     def __post_init__(self):
         impl = IMPL_ALIASES.get(self.impl, self.impl) if isinstance(self.impl, str) else self.impl
@@ -105,6 +108,8 @@ class KernelOptions:
         if self.quantized_matmul not in QUANTIZED_MATMUL_IMPLS:
             raise ConfigError(
                 f"quantized_matmul must be one of {QUANTIZED_MATMUL_IMPLS}, got {self.quantized_matmul!r}")
+        if not isinstance(self.layer_scan, bool):
+            raise ConfigError(f"layer_scan must be a bool, got {self.layer_scan!r}")
         if self.mesh is not None and not isinstance(self.mesh, jax.sharding.Mesh):
             raise ConfigError(f"mesh must be None or a jax.sharding.Mesh, got {self.mesh!r}")
 

@@ -10,9 +10,17 @@ Params layout (weights in PyTorch's [out, in] order, which XLA:CPU multiplies fa
 (axes as in the package docstring: E hidden size, D head_dim, I MLP width, V vocabulary)
 
 Q/K/V and gate/up are fused so decode runs two large GEMVs instead of five small ones. Layers are a
-tuple walked by a Python loop: on XLA:CPU that decodes faster than `lax.scan` over stacked layers,
-which copies each layer's weights. Everything computes in float32. Any 2-D weight may instead be a
-`ruvllm_jax.quant.QuantizedTensor` (GGML blocks) or a tuple of weights stacked along `out`.
+tuple, walked by a Python loop; a `lax.scan` over stacked layers would hold the weights twice or copy
+each layer's out of the stack. The one exception is a cached prefill or decode whose layers' matrices
+are all native-kernel `QuantizedTensor`s (a GGUF model): consecutive layers alike in shapes run as one
+`lax.scan` whose products hand the native kernel every layer's blocks and the scan's index
+(`layer_quantized_matmul`), so no weight is stacked or copied, over a cache whose layers are stacked
+(`ContiguousKVCache.init(stacked=True)`; the engine's `EngineConfig(layer_scan=True)`). The program
+then holds one layer body per run instead of one per layer (24x fewer kernels for a uniform 0.5B
+GGUF), and compiling it is most of what a quantized model's first generation needs beyond its
+weights (`experiments/memory_stages.py`). `KernelOptions(layer_scan=False)` turns it off. Everything
+computes in float32. Any 2-D weight may instead be a `ruvllm_jax.quant.QuantizedTensor` (GGML
+blocks) or a tuple of weights stacked along `out`.
 
 Optional `adapters` add LoRA deltas `scaling * (x @ A) @ B` per layer and module ("q", "k", "v",
 "o", "gate", "up", "down"); they are jit arguments, so new adapter values never recompile.
@@ -26,6 +34,7 @@ Attention goes through `ruvllm_jax.models.attention` over whatever the cache han
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, Optional
@@ -34,11 +43,19 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from ruvllm_jax.cache.contiguous import ContiguousKVCache
+from ruvllm_jax.cache.segmented import SegmentedKVCache
 from ruvllm_jax.errors import ConfigError
 from ruvllm_jax.kernels import KernelOptions
 from ruvllm_jax.models import attention
 from ruvllm_jax.models.config import LlamaConfig
-from ruvllm_jax.quant.matmul import embed_rows, quantized_matmul, quantized_matmul_sharded
+from ruvllm_jax.quant.matmul import (
+    embed_rows,
+    layer_quantized_matmul,
+    native_available,
+    quantized_matmul,
+    quantized_matmul_sharded,
+)
 from ruvllm_jax.quant.tensor import QuantizedTensor
 
 Params = dict[str, Any]
@@ -68,6 +85,18 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 ROW_REDUCE_MAX_ROWS = 16  # see `_linear`
 
 
+@dataclasses.dataclass(frozen=True)
+class _ScannedWeight:
+    """One layer's weight inside a `lax.scan` over layers: every layer's blocks and the scan's index."""
+
+    ws: tuple[QuantizedTensor, ...]
+    index: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.ws[0].shape
+
+
 def _linear(x: jax.Array, w, b: Optional[jax.Array], kernel: KernelOptions) -> jax.Array:
     """x [..., in] @ w[out, in].T (+ b) in float32.
 
@@ -83,6 +112,9 @@ def _linear(x: jax.Array, w, b: Optional[jax.Array], kernel: KernelOptions) -> j
     """
     if isinstance(w, tuple):
         y = jnp.concatenate([_linear(x, part, None, kernel) for part in w], axis=-1)
+        return y if b is None else y + b.astype(jnp.float32)
+    if isinstance(w, _ScannedWeight):
+        y = layer_quantized_matmul(x.astype(jnp.float32), w.index, w.ws)
         return y if b is None else y + b.astype(jnp.float32)
     if isinstance(w, QuantizedTensor):
         x = x.astype(jnp.float32)
@@ -201,25 +233,26 @@ def _block(lp: Params, cfg: LlamaConfig, x: jax.Array, cos: jax.Array, sin: jax.
     return _mlp(lp, cfg, x, la, kernel), cache
 
 
-def _prompt_attend(q, k, v, *, cache, layer: int, cfg: LlamaConfig, kernel: KernelOptions, lengths=None,
-                   start=None):
+def _prompt_attend(q, k, v, *, cache, layer, window: Optional[int], cfg: LlamaConfig, kernel: KernelOptions,
+                   lengths=None, start=None):
     context = None if start is None else cache.context(layer, start)
     out = attention.attend_prompt(q, k, v, scale=cfg.attention_config().effective_scale(),
-                                  sliding_window=cfg.sliding_windows[layer], kernel=kernel, context=context)
+                                  sliding_window=window, kernel=kernel, context=context)
     if cache is None:
         return out, None
     return out, (cache.write_prompt(layer, k, v, lengths) if start is None
                  else cache.write_prompt(layer, k, v, lengths, start=start))
 
 
-def _token_attend(q, k, v, *, cache, layer: int, positions, cfg: LlamaConfig, kernel: KernelOptions):
+def _token_attend(q, k, v, *, cache, layer, window: Optional[int], positions, cfg: LlamaConfig,
+                  kernel: KernelOptions):
     ordered = hasattr(cache, "read")  # caches that write after attention read them (see cache.base)
     if ordered:
         parts = cache.read(layer, k, v, positions)
     else:
         cache, parts = cache.append(layer, k, v, positions)
     out = attention.attend_parts(q, parts, scale=cfg.attention_config().effective_scale(),
-                                 sliding_window=cfg.sliding_windows[layer], kernel=kernel)
+                                 sliding_window=window, kernel=kernel)
     if ordered:
         cache = cache.write(layer, k, v, positions, after=out)
     return out, cache
@@ -239,15 +272,115 @@ def embed(params: Params, tokens: jax.Array) -> jax.Array:
     return embed_rows(params["embed"], tokens)
 
 
+def _weight_signature(w):
+    """What a layer's entry must share with its neighbours' to scan with them; None: it cannot scan
+    (a float matrix, which the scan would have to stack: a second copy of the weights)."""
+    from ruvllm_jax.quant.native import SUPPORTED
+
+    if isinstance(w, QuantizedTensor):
+        return ("q", w.shape) if w.qtype in SUPPORTED else None
+    if isinstance(w, tuple):
+        parts = tuple(_weight_signature(p) for p in w)
+        return None if None in parts else ("t", parts)
+    if getattr(w, "ndim", 2) <= 1:  # norms and biases: stacking them copies a few KB
+        return ("f", tuple(w.shape), str(w.dtype))
+    return None
+
+
+def _layer_signature(lp: Params, window: Optional[int]):
+    entries = tuple((name, _weight_signature(lp[name])) for name in sorted(lp))
+    return None if any(sig is None for _, sig in entries) else (window, entries)
+
+
+def _layer_runs(params: Params, cfg: LlamaConfig, start: int, stop: int, cache, adapters: Adapters,
+                kernel: KernelOptions) -> list[tuple[int, int, bool]]:
+    """[(first, end, scanned)] covering layers [start, stop): runs of >= 2 consecutive layers with one
+    signature scan when the step can (a stacked contiguous or segmented cache, no adapters, no mesh,
+    the native kernel); everything else, and every uncached pass (training differentiates it), unrolls."""
+    contiguous = cache.base if isinstance(cache, SegmentedKVCache) else cache
+    if not (adapters is None and isinstance(contiguous, ContiguousKVCache) and contiguous.stacked):
+        return [(start, stop, False)]
+    return _signature_runs(params, cfg, start, stop, kernel)
+
+
+def _signature_runs(params: Params, cfg: LlamaConfig, start: int, stop: int,
+                    kernel: KernelOptions) -> list[tuple[int, int, bool]]:
+    if not (kernel.layer_scan and kernel.mesh is None and kernel.quantized_matmul != "jnp" and stop - start >= 2
+            and jax.default_backend() == "cpu" and native_available()):
+        return [(start, stop, False)]
+    sigs = [_layer_signature(params["layers"][i], cfg.sliding_windows[i]) for i in range(start, stop)]
+    runs: list[tuple[int, int, bool]] = []
+    i = start
+    while i < stop:
+        j = i + 1
+        while sigs[i - start] is not None and j < stop and sigs[j - start] == sigs[i - start]:
+            j += 1
+        scanned = j - i >= 2
+        if runs and not scanned and not runs[-1][2]:
+            runs[-1] = (runs[-1][0], j, False)
+        else:
+            runs.append((i, j, scanned))
+        i = j
+    return runs
+
+
+def layers_scan(params: Params, cfg: LlamaConfig, kernel: Optional[KernelOptions] = None) -> bool:
+    """Whether a cached prefill or decode over a stacked cache (no adapters) would run some of these
+    layers as a `lax.scan`: the engine then stacks its cache (`EngineConfig.layer_scan`)."""
+    return any(scanned for _, _, scanned in _signature_runs(params, cfg, 0, cfg.num_layers,
+                                                            _kernel(kernel, None, None)))
+
+
+def _gather(values: list):
+    """One entry of every layer in a run, for `_select`: blocks kept per layer, small floats stacked."""
+    if isinstance(values[0], QuantizedTensor):
+        return ("q", tuple(values))
+    if isinstance(values[0], tuple):
+        return ("t", tuple(_gather([v[k] for v in values]) for k in range(len(values[0]))))
+    return ("f", jnp.stack([jnp.asarray(v) for v in values]))
+
+
+def _select(gathered, j: jax.Array):
+    kind, value = gathered
+    if kind == "q":
+        return _ScannedWeight(value, j)
+    if kind == "t":
+        return tuple(_select(part, j) for part in value)
+    return value[j]
+
+
+def _layers(params, cfg, x, cache, adapters, kernel, start: int, stop: int, cos, sin, make_attend: Callable):
+    """x (and the cache) through layers [start, stop); `make_attend(cache, layer, window)` gives a
+    layer's attention over the cache as it is then, `layer` an int or, inside a scan, the traced index."""
+    for first, end, scanned in _layer_runs(params, cfg, start, stop, cache, adapters, kernel):
+        if not scanned:
+            for i in range(first, end):
+                x, cache = _block(params["layers"][i], cfg, x, cos, sin, _layer_adapters(adapters, i),
+                                  make_attend(cache, i, cfg.sliding_windows[i]), kernel)
+            continue
+        names = sorted(params["layers"][first])
+        gathered = {n: _gather([params["layers"][i][n] for i in range(first, end)]) for n in names}
+        window = cfg.sliding_windows[first]
+
+        def body(carry, i, gathered=gathered, first=first, window=window):
+            x, cache = carry
+            lp = {n: _select(g, i - first) for n, g in gathered.items()}
+            return _block(lp, cfg, x, cos, sin, None, make_attend(cache, i, window), kernel), None
+
+        (x, cache), _ = jax.lax.scan(body, (x, cache), jnp.arange(first, end, dtype=jnp.int32))
+    return x, cache
+
+
 def _prompt_layers(params, cfg, x, cache, adapters, kernel, start: int, stop: int, lengths=None, offset=None):
     s = x.shape[1]
     positions = jnp.arange(s)[None, :] if offset is None else offset[:, None] + jnp.arange(s)[None, :]
     cos, sin = rope_tables(cfg, positions)
-    for i in range(start, stop):
-        attend = functools.partial(_prompt_attend, cache=cache, layer=i, cfg=cfg, kernel=kernel, lengths=lengths,
-                                   start=offset)
-        x, cache = _block(params["layers"][i], cfg, x, cos, sin, _layer_adapters(adapters, i), attend, kernel)
-    return x, cache
+
+    def make_attend(cache, layer, window):
+        return functools.partial(_prompt_attend, cache=cache, layer=layer, window=window, cfg=cfg, kernel=kernel,
+                                 lengths=lengths, start=offset)
+
+    return _layers(params, cfg, x, cache, adapters, kernel, start, stop, cos, sin, make_attend)
 
 
 def run_layers(
@@ -324,9 +457,12 @@ def decode(
     chex.assert_shape(positions, (b,))
     x = embed(params, tokens)
     cos, sin = rope_tables(cfg, positions)
-    for i, lp in enumerate(params["layers"]):
-        attend = functools.partial(_token_attend, cache=cache, layer=i, positions=positions, cfg=cfg, kernel=kernel)
-        x, cache = _block(lp, cfg, x, cos, sin, _layer_adapters(adapters, i), attend, kernel)
+
+    def make_attend(cache, layer, window):
+        return functools.partial(_token_attend, cache=cache, layer=layer, window=window, positions=positions,
+                                 cfg=cfg, kernel=kernel)
+
+    x, cache = _layers(params, cfg, x, cache, adapters, kernel, 0, cfg.num_layers, cos, sin, make_attend)
     logits = _logits(params, cfg, x, kernel)
     chex.assert_shape(logits, (b, cfg.vocab_size))
     return logits, cache

@@ -120,6 +120,23 @@ def quantized_matmul(x: jax.Array, w: QuantizedTensor, impl: str = "auto") -> ja
     return _native_product(x2, jnp.asarray(w.data), w.qtype, w.shape).reshape(*lead, w.shape[0])
 
 
+def layer_quantized_matmul(x: jax.Array, layer: jax.Array, ws: tuple[QuantizedTensor, ...]) -> jax.Array:
+    """x [..., cols] @ dequantize(ws[layer]).T -> float32 [..., rows] for a traced int32 `layer`, natively.
+
+    For a `lax.scan` over a model's layers: one custom call gets every layer's blocks as they are
+    (their formats may differ) and reads only ws[layer]'s, so nothing is stacked or sliced out.
+    Not differentiable (the scan runs only in cached prefill and decode). ConfigError without the
+    native kernel.
+    """
+    if not native_available():
+        raise ConfigError("layer_quantized_matmul needs the native kernel, which is not available")
+    for w in ws:
+        _check_x(x, w)
+    lead = x.shape[:-1]
+    x2 = jnp.asarray(x, jnp.float32).reshape(math.prod(lead), ws[0].shape[1])
+    return _native().build().layer_matmul(x2, layer, ws).reshape(*lead, ws[0].shape[0])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _native_product(x2: jax.Array, data: jax.Array, qtype: str, shape: tuple[int, int]) -> jax.Array:
     """The native kernel, differentiable in x (LoRA and SONA train adapters over a quantized model):

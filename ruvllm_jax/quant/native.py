@@ -93,6 +93,21 @@ class NativeKernel:
         rows, cols = w.shape
         return _call(self.target, w.qtype, rows, cols, int(max_threads))(x, w.data)
 
+    def layer_matmul(self, x: jax.Array, layer: jax.Array, ws: tuple[QuantizedTensor, ...], *,
+                     max_threads: int = 0) -> jax.Array:
+        """x [..., cols] @ dequant(ws[layer]).T for a traced int32 `layer` (a scan over layers): every
+        layer's weight stays its own buffer, handed to one call; only ws[layer] is read."""
+        for w in ws:
+            _check(x, w, max_threads)
+        rows, cols = ws[0].shape
+        if any(w.shape != ws[0].shape for w in ws):
+            raise ConfigError(f"layer weights must share one shape, got {sorted({w.shape for w in ws})}")
+        types = np.asarray([FORMATS[w.qtype].ggml_type for w in ws], np.int32)
+        out = jax.ShapeDtypeStruct(x.shape[:-1] + (rows,), jnp.float32)
+        return jax.ffi.ffi_call(self.target + "_layer", out)(
+            jnp.asarray(layer, jnp.int32), x, *[w.data for w in ws], ggml_types=types, cols=np.int64(cols),
+            max_threads=np.int64(max_threads))
+
     def __repr__(self) -> str:
         return f"NativeKernel({self.target}, simd={self.simd}, path={self.path!r})"
 
@@ -201,6 +216,7 @@ def _build(extra: tuple[str, ...]) -> NativeKernel:
     target = f"ruvllm_quant_matmul_{digest}"
     with _lock:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.RuvllmQuantMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(target + "_layer", jax.ffi.pycapsule(lib.RuvllmQuantMatmulLayer), platform="cpu")
     lib.RuvllmQuantMatmulSimd.restype = ctypes.c_int
     kernel = NativeKernel(path, target, int(lib.RuvllmQuantMatmulSimd()), extra, (*cxx, *flags))
     kernel._lib = lib  # keep the library loaded as long as the kernel lives

@@ -127,6 +127,9 @@ def test_kv_cache_layout_heads_over_model_batch_over_data(mesh_shape, kv_split, 
     k0 = cache.k[0]  # [B, KVH, T, D]
     data = mesh_shape[0]
     assert k0.sharding.spec == P("data" if data > 1 else None, "model" if kv_split > 1 else None)
+    stacked = engine_mod.new_cache(cfg, batch=4, max_len=32, stacked=True)  # [L, B, KVH, T, D]
+    stacked = jax.device_put(stacked, layout.cache_shardings(stacked))
+    assert stacked.k.sharding.spec == P(None, "data" if data > 1 else None, "model" if kv_split > 1 else None)
     per_device = per_device_bytes(cache)
     assert set(per_device.values()) == {cache.nbytes() // (data * kv_split)}
     # The paged pool (shared by all slots) splits only its heads.

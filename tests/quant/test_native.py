@@ -247,6 +247,37 @@ def test_jit_while_loop_and_vmap(kernel):
         np.testing.assert_array_equal(np.asarray(native.matmul(jnp.asarray(x), w)), direct)
 
 
+def _check_layer_matmul(kernel, rng, rows: int, cols: int):
+    ws = tuple(qt(make_weight(q, rows, cols, rng), q, rows, cols) for q in QTYPES)
+    x = jnp.asarray(rng.standard_normal((3, cols)).astype(np.float32))
+    direct = [np.asarray(kernel.matmul(x, w)) for w in ws]
+    pick = jax.jit(lambda x, i, ws: kernel.layer_matmul(x, i, ws))
+    for i in range(len(ws)):
+        np.testing.assert_array_equal(np.asarray(pick(x, jnp.int32(i), ws)), direct[i])
+
+    def body(carry, i):
+        return carry, kernel.layer_matmul(x, i, ws)
+
+    scanned = jax.jit(lambda: jax.lax.scan(body, 0, jnp.arange(len(ws)))[1])()
+    for i in range(len(ws)):
+        np.testing.assert_array_equal(np.asarray(scanned[i]), direct[i])
+    for bad in (5, -1):
+        with pytest.raises((ValueError, jax.errors.JaxRuntimeError), match=f"layer {bad} out of 5"):
+            jax.block_until_ready(pick(x, jnp.int32(bad), ws))
+    other = qt(make_weight("Q8_0", rows + 32, cols, rng), "Q8_0", rows + 32, cols)
+    with pytest.raises(ConfigError, match="share one shape"):
+        kernel.layer_matmul(x, jnp.int32(0), (ws[0], other))
+
+
+def test_layer_matmul_reads_the_indexed_layers_blocks_bit_for_bit(kernels):
+    """`layer_matmul` (a scan over a model's layers) = `matmul` with that layer's weight, every format
+    mixed in one call, under jit and inside lax.scan, SIMD and scalar builds; a bad index or shape is
+    refused."""
+    rng = np.random.default_rng(11)
+    for kernel in kernels:
+        _check_layer_matmul(kernel, rng, 48, 512)
+
+
 def test_edge_cases(kernels):
     kernel, scalar = kernels
     rng = np.random.default_rng(9)

@@ -777,8 +777,9 @@ std::string dims_str(ffi::AnyBuffer::Dimensions d) {
   return s + "]";
 }
 
-ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                           ffi::ResultBuffer<ffi::F32> y, int32_t ggml_type, int64_t cols, int64_t max_threads) {
+ffi::Error QuantMatmulRun(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, const ffi::AnyBuffer& w,
+                          ffi::ResultBuffer<ffi::F32>& y, int32_t ggml_type, int64_t cols, int64_t max_threads) {
+  if (w.element_type() != ffi::DataType::U8) return ffi::Error::InvalidArgument("w is not uint8");
   FormatInfo f;
   if (!format_info(ggml_type, &f)) return ffi::Error::InvalidArgument("unsupported ggml type " + std::to_string(ggml_type));
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -802,7 +803,7 @@ ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   std::shared_ptr<Shared> shared;
   try {  // no exception may cross the C boundary
     shared = std::make_shared<Shared>();
-    shared->job = Job{w.typed_data(), nb * f.ts, rows, nb, n, quantize_x(x.typed_data(), n, cols, ggml_type, scratch), out};
+    shared->job = Job{static_cast<const uint8_t*>(w.untyped_data()), nb * f.ts, rows, nb, n, quantize_x(x.typed_data(), n, cols, ggml_type, scratch), out};
   } catch (const std::exception& e) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, std::string("quantized matmul scratch: ") + e.what());
   }
@@ -838,6 +839,30 @@ ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   return ffi::Error::Success();
 }
 
+ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                           ffi::ResultBuffer<ffi::F32> y, int32_t ggml_type, int64_t cols, int64_t max_threads) {
+  return QuantMatmulRun(pool, x, w, y, ggml_type, cols, max_threads);
+}
+
+// One layer's product out of a model's layers: `layer` (an int32 scalar, traced: the index of a
+// lax.scan over the layers) picks which of the remaining buffers is the weight and which entry of
+// `ggml_types` its format. The layers' weights stay the separate buffers the loader made; a scan
+// over a stacked copy of them would hold the weights twice, and slicing one layer out copies it.
+ffi::Error QuantMatmulLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> x,
+                                ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y,
+                                ffi::Span<const int32_t> ggml_types, int64_t cols, int64_t max_threads) {
+  if (layer.element_count() != 1) return ffi::Error::InvalidArgument("layer is not a scalar");
+  if (ggml_types.size() != weights.size())
+    return ffi::Error::InvalidArgument(std::to_string(ggml_types.size()) + " ggml_types for " +
+                                       std::to_string(weights.size()) + " weights");
+  const int32_t i = layer.typed_data()[0];
+  if (i < 0 || size_t(i) >= weights.size())
+    return ffi::Error::InvalidArgument("layer " + std::to_string(i) + " out of " + std::to_string(weights.size()));
+  auto w = weights.get<ffi::AnyBuffer>(i);
+  if (w.has_error()) return w.error();
+  return QuantMatmulRun(pool, x, *w, y, ggml_types[i], cols, max_threads);
+}
+
 }  // namespace
 
 // Exported explicitly: the library is built with -fvisibility=hidden.
@@ -847,9 +872,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RuvllmQuantMatmul, QuantMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("ggml_type")
+                                  .Attr<int64_t>("cols")
+                                  .Attr<int64_t>("max_threads"));
+
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* RuvllmQuantMatmulLayer(XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RuvllmQuantMatmulLayer, QuantMatmulLayerImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int32_t>>("ggml_types")
                                   .Attr<int64_t>("cols")
                                   .Attr<int64_t>("max_threads"));
 
