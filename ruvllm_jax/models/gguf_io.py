@@ -846,7 +846,9 @@ def load_gguf(
     dequantize as float32 (with one warning). A `Precision` converts every 2-D weight with
     `ruvllm_jax.quant.convert.to_precision`. Norms and biases are always float32. Q/K/V and gate/up
     are fused when their storage agrees and kept as a tuple of parts otherwise (e.g. a Q4_K_M file's
-    Q6_K attn_v). The tokenizer is None, with a warning, when the file's tokenizer model is not supported.
+    Q6_K attn_v), in every layer when any layer's storage disagrees (so all layers share one
+    structure and scan together). The tokenizer is None, with a warning, when the file's tokenizer
+    model is not supported.
     `check_config(cfg)`, if given, runs on the file's config before any weight is read. `layout`
     (a `ruvllm_jax.sharding.ModelSharding`, or a callable cfg -> one) places every tensor straight
     onto its shards of a mesh, q/k/v and gate/up one part per module; `device` is then ignored.
@@ -885,6 +887,12 @@ def load_gguf(
             "embed": load.weights(["token_embd.weight"], roles=("embed",)),
             "final_norm": load.vector(["output_norm.weight"]),
         }
+        # A fused weight whose parts some layer stores in different formats (a Q4_K_M file's attn_v)
+        # is kept as parts in every layer: the layers then share one structure, and the model runs
+        # them as one scan (see `llama._layer_runs`) instead of a run per structure.
+        split = {group: any(load.parts_differ([_names(i)[g] + ".weight" for g in group])
+                            for i in range(cfg.num_layers))
+                 for group in (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))}
         layers = []
         for i in range(cfg.num_layers):
             n = {k: v + ".weight" for k, v in _names(i).items()}
@@ -892,10 +900,12 @@ def load_gguf(
             qkv_heads = (cfg.num_heads, cfg.num_kv_heads, None) if permute else (None, None, None)
             lp = {
                 "attn_norm": load.vector([n["attn_norm"]]),
-                "wqkv": load.weights([n["attn_q"], n["attn_k"], n["attn_v"]], qkv_heads, roles=("q", "k", "v")),
+                "wqkv": load.weights([n["attn_q"], n["attn_k"], n["attn_v"]], qkv_heads, roles=("q", "k", "v"),
+                                     split=split["attn_q", "attn_k", "attn_v"]),
                 "wo": load.weights([n["attn_output"]], roles=("o",)),
                 "mlp_norm": load.vector([n["ffn_norm"]]),
-                "w_gate_up": load.weights([n["ffn_gate"], n["ffn_up"]], roles=("gate", "up")),
+                "w_gate_up": load.weights([n["ffn_gate"], n["ffn_up"]], roles=("gate", "up"),
+                                          split=split["ffn_gate", "ffn_up"]),
                 "w_down": load.weights([n["ffn_down"]], roles=("down",)),
             }
             if cfg.attention_bias:
@@ -970,20 +980,37 @@ class _Loader:
             src = weights_io.permuted_rows(src, np.concatenate([np.arange(0, d, 2), np.arange(1, d, 2)]))
         return src
 
-    def weights(self, names: Sequence[str], heads: Sequence[Optional[int]] = (), *, roles: Sequence[str]):
-        """One kept weight from `names` stacked along rows (one part per name on a mesh's layout)."""
+    def weights(self, names: Sequence[str], heads: Sequence[Optional[int]] = (), *, roles: Sequence[str],
+                split: bool = False):
+        """One kept weight from `names` stacked along rows (one part per name on a mesh's layout, or
+        when `split`, as `parts_differ` asks for some layer)."""
         srcs = [self.source(self.tensors[n], h) for n, h in zip(names, _pad(heads, len(names)), strict=True)]
         if self.layout is not None:
             parts = tuple(self._kept([s], self.layout.placer(role)) for s, role in zip(srcs, roles, strict=True))
             return parts[0] if len(parts) == 1 else parts
-        return self._kept(srcs, self.device)
+        return self._kept(srcs, self.device, split)
 
-    def _kept(self, srcs: Sequence[weights_io.RowSource], device):
+    @staticmethod
+    def _kind(info: GGUFTensorInfo) -> str:
+        """The kind `source` keeps a tensor in: its own block or float type, else float32."""
+        kind = info.type_name
+        return kind if kind in FORMATS or kind in weights_io.FLOAT_KINDS else "F32"
+
+    def parts_differ(self, names: Sequence[str]) -> bool:
+        """Whether the tensors `names`, kept as they are, would make a tuple of parts (formats differ)."""
+        if self.quantization is not None or self.layout is not None:
+            return False
+        kinds = {self._kind(self.tensors[n]) for n in names}
+        return len(kinds) > 1 and bool(kinds & set(FORMATS))
+
+    def _kept(self, srcs: Sequence[weights_io.RowSource], device, split: bool = False):
         cols = srcs[0].shape[1]
         q = self.quantization
         if q is not None:
             return weights_io.materialize(srcs, weights_io.weight_kind(q, "F32", cols), device)
         kinds = {s.kind for s in srcs}
+        if split and len(srcs) > 1:
+            return tuple(weights_io.materialize([s], s.kind, device) for s in srcs)
         if len(kinds) == 1:
             return weights_io.materialize(srcs, kinds.pop(), device)
         if not kinds & set(FORMATS):  # floats of different widths fuse as float32

@@ -497,3 +497,45 @@ def test_save_is_atomic_and_checks_shapes(exported, tmp_path):
     with pytest.raises(ConfigError, match="finite"):
         gguf_io.save_gguf(params, cfg, path, qtype="Q8_0")
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.gguf"]
+
+
+def test_a_fused_weight_mixed_in_one_layer_is_kept_as_parts_in_every_layer(tmp_path):
+    """A Q4_K_M-like file: layer 0 stores attn_v in another format than q/k, layer 1 all alike. Every
+    layer gets the same parts (one structure: the model scans them together), with the file's bytes."""
+    def meta(w, arch):
+        _meta(w, arch, skip="block_count")
+        w.add_block_count(2)
+
+    rng = np.random.default_rng(3)
+    one = _tensors(rng)
+    values = dict(one)
+    values.update({k.replace("blk.0.", "blk.1."): (v[::-1] * 0.7).copy() for k, v in one.items() if "blk.0." in k})
+    types = {"blk.0.attn_v.weight": "Q4_K"}
+    w = gguf.GGUFWriter(str(tmp_path / "two.gguf"), "llama")
+    meta(w, "llama")
+    for name, x in values.items():
+        t = types.get(name, "Q8_0" if x.ndim == 2 else "F32")
+        w.add_tensor(name, x) if t == "F32" else w.add_tensor(name, _blocks(x, t), raw_dtype=getattr(Q, t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cfg, params, _, _ = gguf_io.load_gguf(tmp_path / "two.gguf")
+    reader = gguf.GGUFReader(tmp_path / "two.gguf")
+    stored = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
+    del reader
+    for i, v_type in ((0, "Q4_K"), (1, "Q8_0")):
+        lp = params["layers"][i]
+        assert isinstance(lp["wqkv"], tuple) and [p.qtype for p in lp["wqkv"]] == ["Q8_0", "Q8_0", v_type]
+        q = reverse_permute(stored[f"blk.{i}.attn_q.weight"], HEADS, HEADS)
+        k = reverse_permute(stored[f"blk.{i}.attn_k.weight"], HEADS, KV)
+        for part, ref in zip(lp["wqkv"], (q, k, stored[f"blk.{i}.attn_v.weight"]), strict=True):
+            np.testing.assert_array_equal(dequantized(part), ref)
+        assert isinstance(lp["w_gate_up"], QuantizedTensor)  # alike in every layer: still fused
+    # the same model fused and dequantized (FP32) gives the same logits, within the native kernel's
+    # activation rounding
+    _, floats, _, _ = gguf_io.load_gguf(tmp_path / "two.gguf", quantization=Precision.FP32)
+    assert not isinstance(floats["layers"][1]["wqkv"], tuple)
+    tokens = jnp.asarray([[1, 5, 9, 2]])
+    got, want = (np.asarray(llama.forward(p, cfg, tokens)) for p in (params, floats))
+    np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
