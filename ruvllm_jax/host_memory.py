@@ -12,13 +12,14 @@ since the last call (a `jax.monitoring` listener counts compilations, cache load
 warm serving loop never pays for a trim. Without glibc (macOS, musl) both do nothing and say False.
 
 The peak *during* a compile is XLA's own working memory, most of it the MLIR fusion emitters'
-(XLA:CPU's newer code generator): compiling the 0.5B shape's scanned decode program took 0.10 GB
-with them and 0.02 GB with the classic emitters, at the same decode speed
-(`experiments/memory_stages.py`). `lean_jit` is `jax.jit` with those emitters off on CPU
-(`LEAN_CPU_OPTIONS`, checked once to be an option this jaxlib knows; else, or with
-RUVLLM_JAX_LEAN_COMPILE=0, plain `jax.jit`). The engine's programs compile lean only for its layer
-scan (native-quantized models): the classic emitters' code ran the small f32 embedded model's
-decode ~15% slower, and there the weights are few and the compile memory matters little.
+(XLA:CPU's newer code generator): compiling the 0.5B shape's scanned Q8_0 decode program took
+0.10 GB with them and 0.02 GB with the classic emitters (a probe compiling the engine's programs
+again; `RUVLLM_JAX_LEAN_COMPILE=0 python experiments/memory_stages.py` shows the peak it makes).
+`lean_jit` is `jax.jit` with those emitters off on CPU (`LEAN_CPU_OPTIONS`, checked once to be an
+option this jaxlib knows; else, or with RUVLLM_JAX_LEAN_COMPILE=0, plain `jax.jit`). The engine's
+programs compile lean only for its layer scan (native-quantized models): the classic emitters' code
+ran the small f32 embedded model's decode ~15% slower, and there the weights are few and the
+compile memory matters little.
 """
 
 from __future__ import annotations

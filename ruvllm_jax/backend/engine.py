@@ -283,7 +283,7 @@ class EngineConfig:
     - `layer_scan` (contiguous full-precision cache only): stack the cache's layers, so that a model
       whose layers are native-quantized runs them as one `lax.scan` (see `ruvllm_jax.models.llama`),
       and compile the programs with `host_memory.lean_jit`'s options. Both cut what the first
-      generation needs beyond the weights (0.5B Q8_0 GGUF: peak 1.48x -> 1.22x the weights); for
+      generation needs beyond the weights (0.5B Q8_0 GGUF: peak 1.51x -> 1.23x the weights); for
       float models the stacked cache only costs (an unrolled loop copies its per-layer slices).
     """
 
