@@ -18,7 +18,10 @@ def get_config():
         "llama.cpp:keep:F16", "llama.cpp:keep:Q8_0", "llama.cpp:keep:Q4_K_M",
     ])
     c.embedded_engines = "ruvllm_jax:FP32,ruvllm_jax:Q8,transformers:FP32"
-    c.large_engines = "ruvllm_jax:keep:Q8_0,ruvllm_jax:keep:Q4_K_M,llama.cpp:keep:Q8_0,llama.cpp:keep:Q4_K_M"
+    c.large_engines = ",".join([
+        "ruvllm_jax:FP32", "ruvllm_jax:keep:Q8_0", "ruvllm_jax:keep:Q4_K_M", "ruvllm_jax:Q8",
+        "llama.cpp:keep:Q8_0", "llama.cpp:keep:Q4_K_M",
+    ])
     # Decode ratios printed and saved: (ours, theirs) as (engine, weights label).
     c.ratios = [
         (("ruvllm_jax", "keep (Q8_0)"), ("llama.cpp", "keep (Q8_0)")),
