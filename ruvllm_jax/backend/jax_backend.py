@@ -378,7 +378,8 @@ class JaxBackend:
         config = engine.EngineConfig(
             max_slots=1, layout="contiguous", max_len=cache_len if kv is None else len(ids) + params.max_tokens,
             chunk=self.decode_chunk_size, kernel=kernel, kv_cache_config=kv,
-            layer_scan=kv is None and self._adapters is None and llama.layers_scan(m.params, m.cfg, kernel))
+            layer_scan=kv is None and self._adapters is None and cache_len <= engine.LAYER_SCAN_MAX_LEN
+            and llama.layers_scan(m.params, m.cfg, kernel))
         server = self._serving_engine(config)
         server.add_request(ids, params)
         while server.has_unfinished():

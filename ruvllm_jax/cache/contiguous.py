@@ -8,7 +8,8 @@ Two layouts of the same contents: a tuple of per-layer arrays (the default), or 
 a traced index: a model with native-quantized layers then runs them as one `lax.scan` (see
 `ruvllm_jax.models.llama`). The tuple stays the default because an unrolled layer loop reads a
 stacked cache through a per-layer slice that XLA:CPU copies every decode step (the embedded model
-decoded ~12% slower on it); inside the scan that copy is the price of one layer body instead of 24.
+decoded ~12% slower on it); inside the scan that copy is the price of one layer body instead of 24,
+paid only up to `engine.LAYER_SCAN_MAX_LEN` cached tokens (longer caches unroll).
 """
 
 from __future__ import annotations
