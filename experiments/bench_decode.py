@@ -57,9 +57,14 @@ def bench_ruvllm(backend, prompt_ids: list[int], new_tokens: int, repeats: int) 
     tokens = np.zeros((1, bucket), np.int32)
     tokens[0, : len(prompt_ids)] = prompt_ids
     no_eos = jnp.asarray([-1], jnp.int32)  # decode the full count, as transformers does with min_new_tokens
-    # The one-slot engine JaxBackend.generate runs (contiguous cache, segmented decode chunks).
+    # The one-slot engine JaxBackend.generate runs (contiguous cache, segmented decode chunks, and the
+    # layer scan where `JaxBackend._token_stream` picks it: native-quantized layers, a short cache).
+    from ruvllm_jax.models import llama
+
+    kernel = backend._kernel_options()
+    scan = cache_len <= engine.LAYER_SCAN_MAX_LEN and llama.layers_scan(params, cfg, kernel)
     eng = engine.Engine(cfg, engine.EngineConfig(max_slots=1, layout="contiguous", max_len=cache_len,
-                                                 chunk=backend.decode_chunk_size))
+                                                 chunk=backend.decode_chunk_size, kernel=kernel, layer_scan=scan))
     rows = SamplingParams.stack([sampling])
     presence = np.zeros((1, cfg.vocab_size), np.bool_)
     presence[0, prompt_ids] = True
@@ -82,7 +87,7 @@ def bench_ruvllm(backend, prompt_ids: list[int], new_tokens: int, repeats: int) 
     total_s = _median_time(generate, repeats)
     decode_s = max(total_s - prefill_s, 1e-9)
     return {"prefill_ms": prefill_s * 1e3, "decode_tok_s": (new_tokens - 1) / decode_s, "total_s": total_s,
-            "jax": jax.__version__, "device": str(jax.devices()[0])}
+            "jax": jax.__version__, "device": str(jax.devices()[0]), "layer_scan": scan}
 
 
 def bench_transformers(model, prompt_ids: list[int], new_tokens: int, repeats: int, threads: int) -> dict:
