@@ -53,18 +53,14 @@ def bench_ruvllm(backend, prompt_ids: list[int], new_tokens: int, repeats: int) 
     params, cfg = backend.params, backend.config
     greedy = GenerateParams(max_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0)
     sampling = SamplingParams.from_generate_params(greedy)
-    bucket, cache_len = engine.buckets(len(prompt_ids), new_tokens, backend.max_context())
+    # The one-slot engine JaxBackend.generate runs (contiguous cache, segmented decode chunks, the layer
+    # scan where it picks it).
+    config = backend._one_slot_config(len(prompt_ids), new_tokens)
+    bucket, _ = engine.buckets(len(prompt_ids), new_tokens, backend.max_context())
     tokens = np.zeros((1, bucket), np.int32)
     tokens[0, : len(prompt_ids)] = prompt_ids
     no_eos = jnp.asarray([-1], jnp.int32)  # decode the full count, as transformers does with min_new_tokens
-    # The one-slot engine JaxBackend.generate runs (contiguous cache, segmented decode chunks, and the
-    # layer scan where `JaxBackend._token_stream` picks it: native-quantized layers, a short cache).
-    from ruvllm_jax.models import llama
-
-    kernel = backend._kernel_options()
-    scan = cache_len <= engine.LAYER_SCAN_MAX_LEN and llama.layers_scan(params, cfg, kernel)
-    eng = engine.Engine(cfg, engine.EngineConfig(max_slots=1, layout="contiguous", max_len=cache_len,
-                                                 chunk=backend.decode_chunk_size, kernel=kernel, layer_scan=scan))
+    eng = engine.Engine(cfg, config)
     rows = SamplingParams.stack([sampling])
     presence = np.zeros((1, cfg.vocab_size), np.bool_)
     presence[0, prompt_ids] = True
@@ -75,19 +71,21 @@ def bench_ruvllm(backend, prompt_ids: list[int], new_tokens: int, repeats: int) 
                          presence=presence)
         return jax.block_until_ready(st)
 
-    def generate():
+    def decode_s() -> float:
+        """Seconds of the decode alone, after a prefill (a long prompt's prefill would drown it)."""
         st = prefill()
+        t0 = time.perf_counter()
         produced = 1
         while produced < new_tokens:
             st, _, count = eng.generate(params, st, eos_ids=no_eos, limit=new_tokens - produced)
             produced += int(count)
-        return produced
+        return time.perf_counter() - t0
 
     prefill_s = _median_time(prefill, repeats)
-    total_s = _median_time(generate, repeats)
-    decode_s = max(total_s - prefill_s, 1e-9)
-    return {"prefill_ms": prefill_s * 1e3, "decode_tok_s": (new_tokens - 1) / decode_s, "total_s": total_s,
-            "jax": jax.__version__, "device": str(jax.devices()[0]), "layer_scan": scan}
+    decode_s()  # warm-up (compiles)
+    decode = statistics.median(decode_s() for _ in range(repeats))
+    return {"prefill_ms": prefill_s * 1e3, "decode_tok_s": (new_tokens - 1) / decode, "total_s": prefill_s + decode,
+            "jax": jax.__version__, "device": str(jax.devices()[0]), "layer_scan": config.layer_scan}
 
 
 def bench_transformers(model, prompt_ids: list[int], new_tokens: int, repeats: int, threads: int) -> dict:

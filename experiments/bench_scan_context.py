@@ -7,7 +7,8 @@ index, which XLA:CPU copies for the attention dots, so the scan's cost grows wit
 the unrolled loop reads the per-layer cache in place. `engine.LAYER_SCAN_MAX_LEN` (the longest cache
 `JaxBackend` scans over) comes from this table. Each measurement is a fresh process: load the GGUF,
 prefill the prompt on the one-slot contiguous engine (scan: stacked cache, `KernelOptions(layer_scan=True)`;
-unrolled: the tuple cache), then time the decode alone; best of two after the compiling run. The
+unrolled: the tuple cache), then time the decode alone (`bench_decode.bench_ruvllm`: median of two
+after the compiling run). The
 modes alternate within each round so machine drift hits both alike. Prints a table, writes JSON.
 """
 
@@ -21,44 +22,19 @@ import sys
 import time
 
 CHILD = r"""
-import json, sys, time
-import jax, jax.numpy as jnp, numpy as np
+import json, sys
+sys.path.insert(0, sys.argv[5])
+import bench_decode
 from ruvllm_jax.backend import JaxBackend, engine
-from ruvllm_jax.backend.sampling import SamplingParams
-from ruvllm_jax.kernels import KernelOptions
-from ruvllm_jax.models import llama
-from ruvllm_jax.types import GenerateParams, ModelConfig
+from ruvllm_jax.types import ModelConfig
 path, prompt, new, scan = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+engine.LAYER_SCAN_MAX_LEN = 1 << 30 if scan else 0  # scan every cache, or none
 b = JaxBackend.new()
 b.load_model(path, ModelConfig(max_context=4096))
-params, cfg = b.params, b.config
-ids = [(7 * i + 3) % (cfg.vocab_size - 2) + 2 for i in range(prompt)]
-rows = SamplingParams.stack([SamplingParams.from_generate_params(
-    GenerateParams(max_tokens=new, temperature=0.0, repetition_penalty=1.0))])
-bucket, cache_len = engine.buckets(prompt, new, b.max_context())
-tokens = np.zeros((1, bucket), np.int32)
-tokens[0, :prompt] = ids
-no_eos = jnp.asarray([-1], jnp.int32)
-kernel = KernelOptions(impl="jnp", layer_scan=scan)
-eng = engine.Engine(cfg, engine.EngineConfig(max_slots=1, layout="contiguous", max_len=cache_len,
-                    chunk=b.decode_chunk_size, kernel=kernel,
-                    layer_scan=scan and llama.layers_scan(params, cfg, kernel)))
-presence = np.zeros((1, cfg.vocab_size), np.bool_)
-presence[0, ids] = True
-
-def run():
-    st = eng.prefill(params, eng.init_decode_state(), [0], tokens, [prompt], sampling=rows,
-                     rngs=jnp.stack([engine.make_rng(0)]), max_tokens=[new], eos_ids=no_eos, presence=presence)
-    st = jax.block_until_ready(st)
-    t = time.perf_counter()
-    produced = 1
-    while produced < new:
-        st, _, count = eng.generate(params, st, eos_ids=no_eos, limit=new - produced)
-        produced += int(count)
-    return (new - 1) / (time.perf_counter() - t)
-
-run()
-print(json.dumps({"prompt": prompt, "cache_len": cache_len, "scan": scan, "decode_tok_s": max(run(), run())}))
+ids = [(7 * i + 3) % (b.config.vocab_size - 2) + 2 for i in range(prompt)]
+out = bench_decode.bench_ruvllm(b, ids, new, repeats=2)
+print(json.dumps({"prompt": prompt, "cache_len": engine.buckets(prompt, new, 4096)[1], "scan": out["layer_scan"],
+                  "decode_tok_s": out["decode_tok_s"]}))
 """
 
 
@@ -76,7 +52,8 @@ def main() -> None:
         rows = []
         for prompt in [int(p) for p in a.prompts.split(",")]:
             for scan in (1, 0):
-                out = subprocess.run([sys.executable, "-c", CHILD, a.gguf, str(prompt), str(a.new_tokens), str(scan)],
+                out = subprocess.run([sys.executable, "-c", CHILD, a.gguf, str(prompt), str(a.new_tokens), str(scan),
+                                      os.path.dirname(os.path.abspath(__file__))],
                                      env=env, capture_output=True, text=True, check=True)
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(rows[-1], flush=True)

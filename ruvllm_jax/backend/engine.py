@@ -77,7 +77,7 @@ def pow2_bucket(n: int, floor: int) -> int:
 # The longest cache `JaxBackend` runs the layer scan over. Inside the scan each layer reads its keys
 # and values out of the stacked cache through a traced index, which XLA:CPU copies for the attention
 # dots: per decode step 2 KVH T D floats per layer, nothing against the weights at short contexts but
-# a tenth of the step at T = 2048-4096 (0.5B Q8_0: 0.81-0.94x the unrolled loop's tok/s there, two
+# 6-19% of the step at T = 2048-4096 (0.5B Q8_0: 0.81-0.94x the unrolled loop's tok/s there, two
 # rounds, `experiments/results/scan_long_context.json`). Longer caches unroll; their KV cache dwarfs
 # the compile memory the scan saves.
 LAYER_SCAN_MAX_LEN = 1024

@@ -367,20 +367,25 @@ class JaxBackend:
         return ServingEngine(engine.Engine(m.cfg, config), m.params, eos_ids=m.eos_ids,
                              adapters=lambda: self.adapters, device=self._jax_device if m.layout is None else None)
 
-    def _token_stream(self, ids: list[int], params: GenerateParams, stream: bool) -> Iterator[int]:
-        """Tokens of a request `_check_request` accepted, on a one-slot engine sized for it."""
+    def _one_slot_config(self, prompt_len: int, max_tokens: int) -> engine.EngineConfig:
+        """The one-slot engine a single request runs on: its cache bucket, and the layer scan for
+        native-quantized layers without adapters on a cache of <= `engine.LAYER_SCAN_MAX_LEN` tokens."""
         m = self._require()
-        if params.max_tokens == 0:
-            return
-        _, cache_len = engine.buckets(len(ids), params.max_tokens, self.max_context())
+        _, cache_len = engine.buckets(prompt_len, max_tokens, self.max_context())
         kv = m.model_config.kv_cache_config  # two-tier: its shape is the config's, not a bucket's
         kernel = self._kernel_options()
-        config = engine.EngineConfig(
-            max_slots=1, layout="contiguous", max_len=cache_len if kv is None else len(ids) + params.max_tokens,
+        return engine.EngineConfig(
+            max_slots=1, layout="contiguous", max_len=cache_len if kv is None else prompt_len + max_tokens,
             chunk=self.decode_chunk_size, kernel=kernel, kv_cache_config=kv,
             layer_scan=kv is None and self._adapters is None and cache_len <= engine.LAYER_SCAN_MAX_LEN
             and llama.layers_scan(m.params, m.cfg, kernel))
-        server = self._serving_engine(config)
+
+    def _token_stream(self, ids: list[int], params: GenerateParams, stream: bool) -> Iterator[int]:
+        """Tokens of a request `_check_request` accepted, on a one-slot engine sized for it."""
+        self._require()
+        if params.max_tokens == 0:
+            return
+        server = self._serving_engine(self._one_slot_config(len(ids), params.max_tokens))
         server.add_request(ids, params)
         while server.has_unfinished():
             outputs = server.step(limit=1 if stream else None)

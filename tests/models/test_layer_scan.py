@@ -159,10 +159,10 @@ def test_the_backend_scans_a_quantized_model_and_keeps_its_greedy_tokens(tmp_pat
     backend.eos_token_ids = ()
     scanned = backend.generate_tokens(prompt, greedy)
     assert configs[-1].layer_scan
+    layers_scan = llama.layers_scan
     monkeypatch.setattr(llama, "layers_scan", lambda *a, **k: False)
     assert backend.generate_tokens(prompt, greedy) == scanned and not configs[-1].layer_scan
-    monkeypatch.undo()
-    monkeypatch.setattr(engine.EngineConfig, "__post_init__", record)
+    monkeypatch.setattr(llama, "layers_scan", layers_scan)
     # A cache longer than LAYER_SCAN_MAX_LEN unrolls (the scan would copy each layer's keys per step).
     monkeypatch.setattr(engine, "LAYER_SCAN_MAX_LEN", configs[-1].max_len - 1)
     assert backend.generate_tokens(prompt, greedy) == scanned and not configs[-1].layer_scan
